@@ -1,0 +1,330 @@
+"""Maximum-inner-product search over item embeddings: the candidate stage.
+
+The encoder turns a user's sequence into one vector; the items with the highest inner
+product with it are the candidates that the reranker then filters and reorders.
+
+`ItemIndex.build(vectors)` picks the index kind from the catalogue size:
+
+- below `EXACT_MAX_ITEMS` items an exact `IndexFlatIP` (a batch of 1000 queries against
+  20k items is a single small matrix product; an approximate index would only lose recall);
+- above it an IVF index (`IndexIVFFlat`, inner-product metric) with `nlist` from the
+  square-root rule and `nprobe` tuned at build time on a sample of the catalogue until
+  recall@100 against exact search reaches `TARGET_RECALL` (see `benchmarks/retrieval.py`
+  for the measurements behind the choice of IVF over HNSW; kind="hnsw" stays available
+  and has its efSearch tuned the same way).
+
+GPU FAISS is used when the installed faiss has GPU support and a device is present;
+the CPU path is the tested one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Up to this many items exact search is fast enough for batched serving (measured in
+# benchmarks/retrieval.py, dim 64, 2 CPU cores: ~2.4k queries/s at 50k items, ~0.6k at 100k) and
+# has perfect recall, so "auto" only switches to an approximate index above it.
+EXACT_MAX_ITEMS = 50_000
+# nlist = IVF_LISTS_PER_SQRT_N * sqrt(N): the usual rule (4..16 sqrt N); 4 keeps lists
+# long enough that k-means on a sample stays cheap and a probe visits useful items.
+IVF_LISTS_PER_SQRT_N = 4
+# k-means for the coarse quantizer is trained on at most this many points per list.
+IVF_TRAIN_POINTS_PER_LIST = 64
+# Recall@TUNE_K against exact search that nprobe tuning must reach on the tuning queries;
+# set a little above the 0.98 we promise so that queries unlike the tuning sample keep it.
+TARGET_RECALL = 0.99
+TUNE_K = 100
+TUNE_QUERIES = 256
+# Tuning queries get Gaussian noise of this size relative to their norm (see tuning_queries).
+TUNE_QUERY_NOISE = 0.5
+# Inner product is not a metric, and graph (HNSW) and k-means (IVF) indexes lose recall on it
+# when norms vary; the standard reduction (Bachrach et al. 2014) appends one coordinate
+# sqrt(R^2 - |x|^2) to items (and 0 to queries) so that L2 order equals inner-product order.
+# R is the largest norm at build time times this headroom, so items added later with
+# somewhat longer vectors still fit (longer ones are clipped, see `augment_items`).
+L2_RADIUS_HEADROOM = 1.2
+IVF_MIPS_TO_L2 = True
+# HNSW parameters, for kind="hnsw": graph degree and build beam width; the search beam
+# (efSearch) is tuned like nprobe, up to HNSW_EF_SEARCH_MAX.
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 80
+HNSW_EF_SEARCH_MAX = 2048
+
+KINDS = ("auto", "flat", "ivf", "hnsw")
+SIDECAR_SUFFIX = ".json"
+
+
+@dataclass
+class IndexInfo:
+    """What `save` writes beside the FAISS file, so `load` restores search settings."""
+
+    kind: str
+    dim: int
+    nlist: int = 0
+    nprobe: int = 0
+    ef_search: int = 0
+    # > 0: the FAISS index holds L2 vectors augmented for inner-product search (see
+    # `augment_items`), with this radius; 0: the FAISS index searches inner product directly.
+    l2_radius: float = 0.0
+
+
+def gpu_available() -> bool:
+    """True when this faiss build has GPU support and sees at least one device."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _as_matrix(vectors: np.ndarray, dim: int | None, what: str) -> np.ndarray:
+    """Check shape and dtype and return a C-contiguous float32 matrix for FAISS."""
+    vectors = np.asarray(vectors)
+    if vectors.ndim != 2:
+        raise ValueError(f"{what} must be a 2-D array [n, dim], got shape {vectors.shape}")
+    if not np.issubdtype(vectors.dtype, np.floating):
+        raise TypeError(f"{what} must be floating point (float32), got dtype {vectors.dtype}")
+    if dim is not None and vectors.shape[1] != dim:
+        raise ValueError(f"{what} have dim {vectors.shape[1]}, the index has dim {dim}")
+    return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def ivf_nlist(n_items: int) -> int:
+    """Number of IVF lists for a catalogue of `n_items` (square-root rule)."""
+    return max(1, int(round(IVF_LISTS_PER_SQRT_N * math.sqrt(n_items))))
+
+
+class ItemIndex:
+    """Inner-product top-k over item vectors; rows are the order items were added in."""
+
+    def __init__(self, index: faiss.Index, info: IndexInfo):
+        self._index = index
+        self.info = info
+
+    # ----------------------------------------------------------------- building
+    @classmethod
+    def build(
+        cls, vectors: np.ndarray, kind: str = "auto", use_gpu: bool | None = None
+    ) -> ItemIndex:
+        """Index `vectors` [N, D]; `kind` is "auto", "flat", "ivf" or "hnsw"."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        vectors = _as_matrix(vectors, None, "vectors")
+        n, dim = vectors.shape
+        if kind == "auto":
+            kind = "flat" if n <= EXACT_MAX_ITEMS else "ivf"
+        started = time.perf_counter()
+        if kind == "flat":
+            index, info = faiss.IndexFlatIP(dim), IndexInfo("flat", dim)
+        elif kind == "ivf":
+            index, info = cls._new_ivf(vectors)
+        else:
+            index = faiss.IndexHNSWFlat(dim + 1, HNSW_M, faiss.METRIC_L2)
+            index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+            info = IndexInfo("hnsw", dim, ef_search=index.hnsw.efSearch, l2_radius=_radius(vectors))
+        item_index = cls(index, info)
+        item_index.add(vectors)
+        if kind in ("ivf", "hnsw"):
+            item_index._tune_search_width(vectors)
+        if use_gpu is None:
+            use_gpu = gpu_available()
+        if use_gpu:
+            item_index._to_gpu()
+        log.info(
+            "built %s index: %d items, dim %d, %.1fs (%s)",
+            info.kind, n, dim, time.perf_counter() - started, info,
+        )
+        return item_index
+
+    @staticmethod
+    def _new_ivf(vectors: np.ndarray) -> tuple[faiss.Index, IndexInfo]:
+        """A trained, empty IVF index: nlist by the square-root rule, k-means on a sample."""
+        n, dim = vectors.shape
+        nlist = min(ivf_nlist(n), max(1, n // 4))
+        train_size = min(n, nlist * IVF_TRAIN_POINTS_PER_LIST)
+        rng = np.random.default_rng(0)
+        sample = vectors[np.sort(rng.choice(n, train_size, replace=False))]
+        if IVF_MIPS_TO_L2:
+            radius = _radius(vectors)
+            index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim + 1), dim + 1, nlist, faiss.METRIC_L2)
+            sample = augment_items(sample, radius)
+        else:
+            radius = 0.0
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.max_points_per_centroid = IVF_TRAIN_POINTS_PER_LIST
+        index.cp.min_points_per_centroid = 1
+        index.train(sample)
+        return index, IndexInfo("ivf", dim, nlist=nlist, nprobe=1, l2_radius=radius)
+
+    def _tune_search_width(self, vectors: np.ndarray) -> None:
+        """Double nprobe (IVF) or efSearch (HNSW) until recall@TUNE_K reaches TARGET_RECALL.
+
+        Tuning queries are catalogue vectors plus noise (see `tuning_queries`); their exact
+        top-k comes from a flat index over the same vectors.
+        """
+        queries = tuning_queries(vectors, TUNE_QUERIES)
+        k = min(TUNE_K, len(vectors))
+        exact = faiss.IndexFlatIP(vectors.shape[1])
+        exact.add(vectors)
+        _, truth = exact.search(queries, k)
+        if self.info.kind == "ivf":
+            width, widest, apply = 1, self.info.nlist, self.set_nprobe
+        else:
+            width, widest, apply = max(16, k), max(HNSW_EF_SEARCH_MAX, k), self.set_ef_search
+        while True:
+            apply(width)
+            _, found = self.search(queries, k)
+            recall = recall_at_k(found, truth)
+            if recall >= TARGET_RECALL or width >= widest:
+                break
+            width = min(widest, width * 2)
+        log.info("%s search width %d gives recall@%d=%.4f on tuning queries", self.info.kind, width, k, recall)
+
+    def _to_gpu(self) -> None:
+        if self.info.kind == "hnsw":
+            log.warning("HNSW has no GPU implementation in FAISS; staying on CPU")
+            return
+        self._gpu_resources = faiss.StandardGpuResources()
+        self._index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self._index)
+        log.info("index moved to GPU 0")
+
+    # ------------------------------------------------------------------ serving
+    @property
+    def dim(self) -> int:
+        return self.info.dim
+
+    def __len__(self) -> int:
+        return int(self._index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k rows by inner product: (scores [B, k] float32, rows [B, k] int64, -1 = none)."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        queries = _as_matrix(queries, self.dim, "queries")
+        if len(queries) == 0 or len(self) == 0:
+            return (
+                np.full((len(queries), k), -np.inf, dtype=np.float32),
+                np.full((len(queries), k), -1, dtype=np.int64),
+            )
+        radius = self.info.l2_radius
+        if radius > 0:
+            distances, rows = self._index.search(augment_queries(queries), k)
+            # |q|^2 + R^2 - 2 q.x = d  =>  q.x = (|q|^2 + R^2 - d) / 2
+            sq_norms = np.einsum("bd,bd->b", queries, queries)[:, None]
+            scores = (0.5 * (sq_norms + radius * radius - distances)).astype(np.float32)
+        else:
+            scores, rows = self._index.search(queries, k)
+        scores[rows < 0] = -np.inf
+        return scores, rows.astype(np.int64, copy=False)
+
+    def add(self, vectors: np.ndarray) -> np.ndarray:
+        """Append items (e.g. cold-start items); returns their new row numbers."""
+        vectors = _as_matrix(vectors, self.dim, "vectors")
+        first = len(self)
+        if self.info.l2_radius > 0:
+            self._index.add(augment_items(vectors, self.info.l2_radius))
+        else:
+            self._index.add(vectors)
+        return np.arange(first, first + len(vectors), dtype=np.int64)
+
+    # -------------------------------------------------------------- persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the FAISS index to `path` and its settings to `path` + ".json"."""
+        path = Path(path)
+        index = self._index
+        if hasattr(faiss, "index_gpu_to_cpu") and hasattr(self, "_gpu_resources"):
+            index = faiss.index_gpu_to_cpu(index)
+        faiss.write_index(index, str(path))
+        sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
+        sidecar.write_text(json.dumps(asdict(self.info), indent=2))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, use_gpu: bool | None = None) -> ItemIndex:
+        """Read an index written by `save`, restoring nprobe / efSearch."""
+        path = Path(path)
+        index = faiss.read_index(str(path))
+        sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
+        if sidecar.exists():
+            info = IndexInfo(**json.loads(sidecar.read_text()))
+        else:
+            info = IndexInfo("flat", index.d)
+        if info.kind == "ivf":
+            faiss.extract_index_ivf(index).nprobe = info.nprobe
+        elif info.kind == "hnsw":
+            index.hnsw.efSearch = info.ef_search
+        item_index = cls(index, info)
+        if use_gpu is None:
+            use_gpu = gpu_available()
+        if use_gpu:
+            item_index._to_gpu()
+        return item_index
+
+    # ---------------------------------------------------------------- tuning knobs
+    def set_nprobe(self, nprobe: int) -> None:
+        """Override the tuned nprobe (IVF only), e.g. to trade recall for speed."""
+        if self.info.kind != "ivf":
+            raise ValueError(f"nprobe applies to IVF indexes, this one is {self.info.kind}")
+        self._index.nprobe = nprobe
+        self.info.nprobe = nprobe
+
+    def set_ef_search(self, ef_search: int) -> None:
+        """Override efSearch (HNSW only)."""
+        if self.info.kind != "hnsw":
+            raise ValueError(f"efSearch applies to HNSW indexes, this one is {self.info.kind}")
+        self._index.hnsw.efSearch = ef_search
+        self.info.ef_search = ef_search
+
+
+def _radius(vectors: np.ndarray) -> float:
+    longest = float(np.linalg.norm(vectors, axis=1).max()) if len(vectors) else 1.0
+    return max(longest, 1e-6) * L2_RADIUS_HEADROOM
+
+
+def augment_items(vectors: np.ndarray, radius: float) -> np.ndarray:
+    """[x, sqrt(R^2 - |x|^2)]: all items on the sphere of radius R, so L2 order = IP order.
+
+    Items longer than R get 0 (they then rank a little lower than exact search would put them).
+    """
+    sq_norms = np.einsum("nd,nd->n", vectors, vectors)
+    too_long = int((sq_norms > radius * radius).sum())
+    if too_long:
+        log.warning("%d added vectors are longer than the index radius %.3g; rebuild the index", too_long, radius)
+    extra = np.sqrt(np.maximum(radius * radius - sq_norms, 0.0))[:, None]
+    return np.ascontiguousarray(np.hstack([vectors, extra]), dtype=np.float32)
+
+
+def augment_queries(queries: np.ndarray) -> np.ndarray:
+    """[q, 0]: the query side of `augment_items`."""
+    return np.ascontiguousarray(np.hstack([queries, np.zeros((len(queries), 1), np.float32)]))
+
+
+def tuning_queries(vectors: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
+    """Queries that look like user vectors: near one item, or between two, plus noise.
+
+    User vectors sit near, not on, the items they like, and a user with two interests sits
+    between clusters, where an IVF probe needs more lists; half the queries are such mixes.
+    """
+    rng = np.random.default_rng(seed)
+    first = vectors[rng.integers(0, len(vectors), size=count)]
+    second = vectors[rng.integers(0, len(vectors), size=count)]
+    share = np.where(np.arange(count) % 2 == 0, 1.0, rng.uniform(0.3, 0.7, size=count))[:, None]
+    base = share * first + (1.0 - share) * second
+    norms = np.linalg.norm(base, axis=1, keepdims=True)
+    noise = rng.standard_normal(base.shape)
+    noise *= TUNE_QUERY_NOISE * norms / math.sqrt(vectors.shape[1])
+    return np.ascontiguousarray(base + noise, dtype=np.float32)
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean share of each true top-k row set that `found` recovered."""
+    hits = 0
+    for found_row, truth_row in zip(found, truth):
+        hits += len(np.intersect1d(found_row[found_row >= 0], truth_row[truth_row >= 0]))
+    return hits / max(1, int((truth >= 0).sum()))

@@ -1,0 +1,317 @@
+"""Turn FAISS candidates into the list a user sees: filters, business boost, diversity, "because".
+
+For each user, in order:
+
+1. drop candidates that are padding (-1), duplicates, purchased by the user, in the user's
+   recent history (`drop_recent`), or out of stock / removed in the catalogue
+   (`drop_unavailable`);
+2. relevance = model score + boost_weight * boost * spread, where spread is the standard
+   deviation of the user's remaining candidate scores: a boost of 1.0 lifts an item by one
+   standard deviation of that user's scores whatever the scale of the model's scores;
+3. greedy maximal marginal relevance (MMR, Carbonell & Goldstein 1998) picks k items: at each
+   step the candidate maximising  z(relevance) - diversity * max(0, cos(item, chosen))  where
+   z standardises relevance per user, so an exact copy of an already chosen item pays
+   `diversity` standard deviations; `max_per_attribute` optionally caps how many items
+   may share a specific attribute (e.g. a brand; attributes carried by more than
+   `cap_attribute_max_share` of the catalogue, i.e. broad categories, are not capped);
+4. "because" is the user's history item whose embedding has the highest inner product
+   with the recommended item.
+
+Everything is vectorised over the batch of users; Python work is per user, not per candidate.
+Row numbers are the rows of `ItemIndex`: when cold-start items are added, call
+`ItemIndex.add(vectors)` and `Reranker.add_items(items, vectors)` with the same order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence, Set
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from index.catalogue import Catalogue
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LIST_LENGTH = 20
+# MMR strength in standard deviations of the user's candidate scores (see module docstring);
+# tuned on Beauty in benchmarks/rerank.py so NDCG@10 stays within 3% of plain top-k.
+DEFAULT_DIVERSITY = 0.3
+DEFAULT_BOOST_WEIGHT = 1.0
+# Only this many most recent history items are compared for "because" (cost is B*k*H*D).
+BECAUSE_HISTORY_MAX = 50
+# Attributes carried by more than this share of the catalogue are categories, not caps.
+DEFAULT_CAP_ATTRIBUTE_MAX_SHARE = 0.02
+NOT_CHOSEN = -1
+
+
+@dataclass
+class RerankConfig:
+    """Knobs of the rerank stage; the defaults are what the stream worker serves."""
+
+    k: int = DEFAULT_LIST_LENGTH
+    drop_recent: bool = True
+    # How many of the newest known history items `drop_recent` removes; None = the whole history
+    # the context carries (what the offline protocol does).
+    recent_window: int | None = None
+    drop_unavailable: bool = True
+    diversity: float = DEFAULT_DIVERSITY
+    max_per_attribute: int | None = None
+    cap_attribute_max_share: float = DEFAULT_CAP_ATTRIBUTE_MAX_SHARE
+    boost_weight: float = DEFAULT_BOOST_WEIGHT
+
+
+@dataclass
+class UserContext:
+    """What the reranker needs to know about one user."""
+
+    history: Sequence[str] = ()  # item ids, oldest first, newest last
+    purchased: Set[str] = field(default_factory=frozenset)
+
+
+class Reranker:
+    """Filters, boosts and diversifies candidate rows into final per-user lists."""
+
+    def __init__(
+        self,
+        config: RerankConfig,
+        catalogue: Catalogue,
+        item_vectors: np.ndarray,
+        items: list[str],
+    ):
+        item_vectors = np.asarray(item_vectors, dtype=np.float32)
+        if item_vectors.ndim != 2 or len(item_vectors) != len(items):
+            raise ValueError(
+                f"item_vectors must be [len(items)={len(items)}, dim], got {item_vectors.shape}"
+            )
+        self.config = config
+        self.catalogue = catalogue
+        self._items: list[str] = []
+        self._row_of: dict[str, int] = {}
+        self._vectors = np.empty((0, item_vectors.shape[1]), dtype=np.float32)
+        self._unit = self._vectors
+        self._cache_key: tuple[int, int] | None = None
+        self.add_items(items, item_vectors)
+
+    # ------------------------------------------------------------------ items
+    def add_items(self, items: Sequence[str], vectors: np.ndarray) -> np.ndarray:
+        """Append items (same order as `ItemIndex.add`); returns their rows."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape != (len(items), self.dim):
+            raise ValueError(f"vectors must be [{len(items)}, {self.dim}], got {vectors.shape}")
+        items = [str(i) for i in items]
+        clashes = [i for i in items if i in self._row_of]
+        if clashes or len(set(items)) != len(items):
+            raise ValueError(f"items already known or repeated, e.g. {clashes[:3]}")
+        first = len(self._items)
+        self._row_of.update((item, first + offset) for offset, item in enumerate(items))
+        self._items.extend(items)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        self._vectors = np.concatenate([self._vectors, vectors])
+        self._unit = np.concatenate([self._unit, vectors / np.maximum(norms, 1e-12)])
+        self._items_array = np.array(self._items, dtype=object)
+        return np.arange(first, first + len(items), dtype=np.int64)
+
+    @property
+    def dim(self) -> int:
+        return self._vectors.shape[1]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def row_of(self, item_id: str) -> int | None:
+        return self._row_of.get(item_id)
+
+    def rows_of(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Rows of known items, in order; unknown ids are skipped."""
+        row_of = self._row_of
+        return np.fromiter((row_of[i] for i in item_ids if i in row_of), dtype=np.int64)
+
+    # ---------------------------------------------------------------- caches
+    def _refresh_catalogue_arrays(self) -> None:
+        """Per-row availability, boost and capped-attribute arrays, rebuilt when they change."""
+        key = (self.catalogue.version, len(self._items))
+        if key == self._cache_key:
+            return
+        n = len(self._items)
+        self._available_rows = np.ones(n, dtype=bool)
+        rows = self.rows_of(list(self.catalogue.unavailable_ids))
+        self._available_rows[rows] = False
+        self._boost_rows = np.zeros(n, dtype=np.float32)
+        for item_id, boost in self.catalogue.boosts.items():
+            row = self._row_of.get(item_id)
+            if row is not None:
+                self._boost_rows[row] = boost
+        self._capped_attributes = None
+        if self.config.max_per_attribute is not None:
+            self._capped_attributes = self._capped_attribute_matrix()
+        self._cache_key = key
+
+    def _capped_attribute_matrix(self) -> np.ndarray:
+        """[N, A] attribute ids (-1 padded) of the attributes that count for the cap."""
+        catalogue, max_share = self.catalogue, self.config.cap_attribute_max_share
+        ids: dict[str, int] = {}
+        per_row = []
+        for item in self._items:
+            capped = [a for a in catalogue.attributes(item) if catalogue.attribute_share(a) <= max_share]
+            per_row.append([ids.setdefault(a, len(ids)) for a in capped])
+        width = max((len(r) for r in per_row), default=0) or 1
+        matrix = np.full((len(per_row), width), -1, dtype=np.int64)
+        for row, attrs in enumerate(per_row):
+            matrix[row, : len(attrs)] = attrs
+        self._n_capped_attributes = len(ids)
+        return matrix
+
+    # ---------------------------------------------------------------- rerank
+    def rerank(
+        self,
+        contexts: list[UserContext],
+        cand_rows: np.ndarray,
+        cand_scores: np.ndarray,
+    ) -> list[list[dict]]:
+        """Per user up to k `{"item_id", "score", "because"}` dicts, best first, no duplicates."""
+        cand_rows = np.asarray(cand_rows, dtype=np.int64)
+        cand_scores = np.asarray(cand_scores, dtype=np.float32)
+        if cand_rows.ndim != 2 or cand_rows.shape != cand_scores.shape:
+            raise ValueError(f"cand_rows {cand_rows.shape} and cand_scores {cand_scores.shape} must be equal [B, C]")
+        if len(contexts) != len(cand_rows):
+            raise ValueError(f"{len(contexts)} contexts for {len(cand_rows)} candidate rows")
+        if cand_rows.size == 0:
+            return [[] for _ in contexts]
+        self._refresh_catalogue_arrays()
+        history_rows = [self.rows_of(c.history) for c in contexts]
+        keep = self._keep_mask(contexts, history_rows, cand_rows)
+        safe_rows = np.where(keep, cand_rows, 0)
+        relevance = self._relevance(cand_scores, safe_rows, keep)
+        chosen = self._select(relevance, safe_rows, keep)  # [B, k] column indices, -1 = none
+        picked = chosen >= 0
+        chosen_rows = np.where(picked, np.take_along_axis(safe_rows, np.maximum(chosen, 0), 1), -1)
+        chosen_rel = np.take_along_axis(relevance, np.maximum(chosen, 0), 1)
+        because = self._because(history_rows, chosen_rows)
+        return self._as_lists(chosen_rows, chosen_rel, because)
+
+    def _keep_mask(
+        self, contexts: list[UserContext], history_rows: list[np.ndarray], cand_rows: np.ndarray
+    ) -> np.ndarray:
+        """False for padding, unknown rows, duplicates, excluded and unavailable items."""
+        n = len(self._items)
+        keep = (cand_rows >= 0) & (cand_rows < n)
+        if (cand_rows >= n).any():
+            log.warning("candidate rows beyond the %d known items ignored; call add_items", n)
+        # Duplicates: keep the first occurrence (stable sort keeps equal rows in column order).
+        order = np.argsort(cand_rows, axis=1, kind="stable")
+        in_order = np.take_along_axis(cand_rows, order, 1)
+        repeat = np.zeros_like(keep)
+        repeat[:, 1:] = in_order[:, 1:] == in_order[:, :-1]
+        duplicate = np.empty_like(keep)
+        np.put_along_axis(duplicate, order, repeat, 1)
+        keep &= ~duplicate
+        safe_rows = np.where(keep, cand_rows, 0)
+        if self.config.drop_unavailable:
+            keep &= self._available_rows[safe_rows]
+        excluded = []
+        for user, (context, rows) in enumerate(zip(contexts, history_rows)):
+            if self.config.drop_recent:
+                window = self.config.recent_window
+                recent = rows if window is None else rows[len(rows) - window :] if window > 0 else rows[:0]
+                excluded.append(recent + user * (n + 1))
+            if context.purchased:
+                excluded.append(self.rows_of(list(context.purchased)) + user * (n + 1))
+        if excluded:
+            user_offsets = np.arange(len(contexts), dtype=np.int64)[:, None] * (n + 1)
+            keep &= ~np.isin(safe_rows + user_offsets, np.concatenate(excluded))
+        return keep
+
+    def _relevance(self, scores: np.ndarray, safe_rows: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        """Model score plus the boost, in units of the user's score spread; -inf where dropped."""
+        relevance = np.where(keep, scores, 0.0).astype(np.float32)
+        boosts = self._boost_rows[safe_rows]
+        if self.config.boost_weight and np.any(boosts[keep]):
+            _, spread = _mean_and_spread(relevance, keep)
+            relevance = relevance + self.config.boost_weight * boosts * spread
+        return np.where(keep, relevance, -np.inf).astype(np.float32)
+
+    def _select(self, relevance: np.ndarray, safe_rows: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        """Greedy MMR (with optional attribute caps), vectorised over users: [B, k] columns."""
+        batch, width = relevance.shape
+        k = min(self.config.k, width)
+        diversity = self.config.diversity
+        caps = self._capped_attributes if self.config.max_per_attribute is not None else None
+        if diversity <= 0 and caps is None:
+            top = np.argsort(-relevance, axis=1, kind="stable")[:, :k]
+            return np.where(np.take_along_axis(keep, top, 1), top, NOT_CHOSEN)
+        mean, spread = _mean_and_spread(relevance, keep)
+        z = np.where(keep, (relevance - mean) / spread, -np.inf)
+        unit = self._unit[safe_rows]  # [B, C, D]
+        max_sim = np.zeros((batch, width), dtype=np.float32)
+        open_ = keep.copy()
+        chosen = np.full((batch, k), NOT_CHOSEN, dtype=np.int64)
+        users = np.arange(batch)
+        if caps is not None:
+            cand_attrs = caps[safe_rows]  # [B, C, A]
+            counts = np.zeros((batch, self._n_capped_attributes + 1), dtype=np.int32)
+        for step in range(k):
+            marginal = np.where(open_, z - diversity * max_sim, -np.inf)
+            pick = np.argmax(marginal, axis=1)
+            has = open_[users, pick]
+            chosen[:, step] = np.where(has, pick, NOT_CHOSEN)
+            if not has.any():
+                break
+            open_[users, pick] = False
+            if diversity > 0:
+                sim = np.einsum("bcd,bd->bc", unit, unit[users, pick])
+                np.maximum(max_sim, sim, out=max_sim)
+            if caps is not None:
+                attrs = cand_attrs[users, pick]  # [B, A]; -1 pads count into the last slot
+                np.add.at(counts, (users[:, None], attrs), has[:, None].astype(np.int32))
+                counts[:, -1] = 0
+                full = np.take_along_axis(counts, cand_attrs.reshape(batch, -1), 1)
+                full = full.reshape(cand_attrs.shape) >= self.config.max_per_attribute
+                open_ &= ~full.any(axis=2)
+        return chosen
+
+    def _because(self, history_rows: list[np.ndarray], chosen_rows: np.ndarray) -> np.ndarray:
+        """[B, k] row of the history item closest (inner product) to each pick; -1 = none."""
+        batch, k = chosen_rows.shape
+        longest = min(BECAUSE_HISTORY_MAX, max((len(r) for r in history_rows), default=0))
+        if longest == 0:
+            return np.full((batch, k), -1, dtype=np.int64)
+        padded = np.full((batch, longest), -1, dtype=np.int64)
+        for user, rows in enumerate(history_rows):
+            recent = rows[-longest:]
+            padded[user, : len(recent)] = recent
+        hist = self._vectors[np.maximum(padded, 0)]  # [B, H, D]
+        recs = self._vectors[np.maximum(chosen_rows, 0)]  # [B, k, D]
+        affinity = np.einsum("bkd,bhd->bkh", recs, hist)
+        invalid = (padded[:, None, :] < 0) | (padded[:, None, :] == chosen_rows[:, :, None])
+        affinity[invalid] = -np.inf
+        best = np.argmax(affinity, axis=2)
+        found = np.isfinite(np.take_along_axis(affinity, best[:, :, None], 2)[:, :, 0])
+        return np.where(found, np.take_along_axis(padded, best, 1), -1)
+
+    def _as_lists(self, rows: np.ndarray, scores: np.ndarray, because: np.ndarray) -> list[list[dict]]:
+        items = self._items
+        lists = []
+        for user_rows, user_scores, user_because in zip(rows.tolist(), scores.tolist(), because.tolist()):
+            lists.append(
+                [
+                    {
+                        "item_id": items[row],
+                        "score": score,
+                        "because": items[reason] if reason >= 0 else None,
+                    }
+                    for row, score, reason in zip(user_rows, user_scores, user_because)
+                    if row >= 0
+                ]
+            )
+        return lists
+
+
+def _mean_and_spread(values: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-user mean and standard deviation of the kept values ([B, 1]; spread 1.0 if 0)."""
+    count = np.maximum(keep.sum(axis=1, keepdims=True), 1)
+    mean = np.where(keep, values, 0.0).sum(axis=1, keepdims=True) / count
+    variance = (np.where(keep, values - mean, 0.0) ** 2).sum(axis=1, keepdims=True) / count
+    spread = np.sqrt(variance)
+    return mean.astype(np.float32), np.where(spread > 0, spread, 1.0).astype(np.float32)

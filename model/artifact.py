@@ -1,0 +1,125 @@
+"""A trained model as a directory: what serving loads, and its one encode() entry point.
+
+Layout: `model.safetensors` (weights, including the item -> attribute table when used),
+`config.json` (EncoderConfig), `vocab.json` (item ids in row order), `metadata.json`
+(data path, metrics, version, created, train seconds, seed); training adds
+`training_curve.png` and `metrics.json`. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.data import Interaction, featurize, left_pad
+from model.encoder import EncoderConfig, SequenceEncoder
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+VOCAB = "vocab.json"
+METADATA = "metadata.json"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def new_version(items: list[str]) -> str:
+    """Timestamp plus a short random-ish hash: unique per training run, sortable by time."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    digest = hashlib.sha1(f"{time.time_ns()}:{len(items)}".encode()).hexdigest()[:8]
+    return f"{stamp}-{digest}"
+
+
+class ModelArtifact:
+    """An encoder plus its item vocabulary. score(u, i) = encode(u) . item_embeddings()[i]."""
+
+    def __init__(self, encoder: SequenceEncoder, items: list[str], metadata: dict | None = None,
+                 device: torch.device | str | None = None):
+        self.device = torch.device(device) if device is not None else default_device()
+        self.encoder = encoder.to(self.device)
+        self.config: EncoderConfig = encoder.cfg
+        self.items = list(items)
+        self.item_index = {item: i + 1 for i, item in enumerate(self.items)}  # row 0 = padding
+        assert len(self.items) == self.config.n_items
+        self.metadata = dict(metadata or {})
+        self.metadata.setdefault("version", new_version(self.items))
+
+    # The public index of an item is its row in item_embeddings(); the encoder's is that + 1.
+    @property
+    def version(self) -> str:
+        return self.metadata["version"]
+
+    @property
+    def dim(self) -> int:
+        return self.config.dim
+
+    def item_embeddings(self) -> np.ndarray:
+        """float32 [n_items, dim], row i = self.items[i]; scores are inner products with these."""
+        with torch.inference_mode():
+            vecs = self.encoder.item_vectors()[1:]
+        return vecs.detach().float().cpu().numpy().astype(np.float32, copy=True)
+
+    def encode(self, histories: list[list[Interaction]]) -> np.ndarray:
+        """float32 [B, dim] user vectors, one forward pass for the batch.
+
+        Unknown item ids are skipped; only the last max_len events count. A history with no
+        known item gives a zero row (cold start is the caller's business).
+        """
+        if not histories:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        rows = [featurize(h, self.item_index, self.config.max_len) for h in histories]
+        width = max(1, max(len(r[0]) for r in rows))
+        items = torch.from_numpy(left_pad([r[0] for r in rows], width)).to(self.device)
+        types = torch.from_numpy(left_pad([r[1] for r in rows], width)).to(self.device)
+        gaps = torch.from_numpy(left_pad([r[2] for r in rows], width)).to(self.device)
+        return self.encode_tensors(items, types, gaps).cpu().numpy()
+
+    def encode_tensors(self, items, types, gaps, batch_size: int = 4096) -> torch.Tensor:
+        """Left-padded id tensors -> float32 [B, dim] (the last position), zero if empty."""
+        was_training = self.encoder.training
+        self.encoder.eval()
+        out = []
+        with torch.inference_mode():
+            for s in range(0, items.shape[0], batch_size):
+                it, ty, ga = items[s:s + batch_size], types[s:s + batch_size], gaps[s:s + batch_size]
+                h = self.encoder(it, ty, ga)[:, -1].float()
+                out.append(h * (it[:, -1:] > 0))
+        self.encoder.train(was_training)
+        return torch.cat(out)
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.encoder.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS))
+        _write_json(directory / CONFIG, dataclasses.asdict(self.config))
+        _write_json(directory / VOCAB, self.items)
+        _write_json(directory / METADATA, self.metadata)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, device: torch.device | str | None = None) -> ModelArtifact:
+        directory = Path(directory)
+        cfg = EncoderConfig(**json.loads((directory / CONFIG).read_text()))
+        items = json.loads((directory / VOCAB).read_text())
+        metadata = json.loads((directory / METADATA).read_text())
+        encoder = SequenceEncoder(cfg)
+        encoder.load_state_dict(load_file(str(directory / WEIGHTS)))
+        encoder.eval()
+        return cls(encoder, items, metadata, device=device)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)

@@ -1,0 +1,191 @@
+"""Interaction logs: reading them and splitting them the way the literature does.
+
+A log is `{user_id: [(item_id, event_type | None, ts_seconds | None), ...]}`, oldest first.
+Three on-disk forms are read: the S3-Rec sequence-per-line `.txt` files (no types, no
+timestamps), JSON lines and msgpack streams of contract events
+`{"v": 1, "event_id", "user_id", "item_id", "type", "ts"}`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+# The event types the model knows as an input feature. The wire contract (stream/events.py)
+# accepts exactly these; index 0 of the model's type embedding means "unknown / not logged".
+EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
+TYPE_ID = {t: i + 1 for i, t in enumerate(EVENT_TYPES)}
+
+# Time gaps to the previous event are log2-bucketed; 0 means "unknown" (no ts, or first event).
+N_GAP_BUCKETS = 32
+
+Interaction = tuple[str, str | None, float | None]  # (item_id, event type or None, ts or None)
+Log = dict[str, list[Interaction]]
+
+JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
+MSGPACK_SUFFIXES = {".msgpack", ".mpk"}
+EVENT_KEYS = ("user_id", "item_id", "type", "ts")
+
+
+# ----------------------------------------------------------------------------- reading
+
+def load_log(path: str | Path) -> Log:
+    """Read a log file; the format is chosen by extension (.txt / .jsonl / .msgpack)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        return _events_to_log(_read_jsonl(path))
+    if suffix in MSGPACK_SUFFIXES:
+        return _events_to_log(_read_msgpack(path))
+    return _read_sequences(path)
+
+
+def _read_sequences(path: Path) -> Log:
+    """S3-Rec form: `user item item ...` per line, chronological; no types, no timestamps."""
+    log: Log = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue  # blank lines carry nothing; everything else must parse
+            if len(parts) < 2:
+                raise ValueError(f"{path}:{lineno}: expected 'user_id item_id ...', got {line.strip()!r}")
+            user = parts[0]
+            if user in log:
+                raise ValueError(f"{path}:{lineno}: user {user!r} appears on more than one line")
+            log[user] = [(item, None, None) for item in parts[1:]]
+    return log
+
+
+def _read_jsonl(path: Path):
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            yield f"{path}:{lineno}", event
+
+
+def _read_msgpack(path: Path):
+    import msgpack
+
+    with open(path, "rb") as f:
+        unpacker = msgpack.Unpacker(f, raw=False, strict_map_key=False)
+        n = 0
+        try:
+            for n, event in enumerate(unpacker, 1):
+                yield f"{path}:{n}", event
+        except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError) as e:
+            raise ValueError(f"{path}:{n + 1}: malformed msgpack ({e})") from None
+        # A truncated trailing object makes the Unpacker stop silently; refuse to lose it.
+        if unpacker.tell() != path.stat().st_size:
+            raise ValueError(f"{path}:{n + 1}: truncated msgpack object at byte {unpacker.tell()}")
+
+
+def _events_to_log(events) -> Log:
+    """Group contract events by user and sort each user by ts (stable for ties)."""
+    log: dict[str, list[tuple[float, str, str]]] = {}
+    for where, event in events:
+        if not isinstance(event, dict):
+            raise ValueError(f"{where}: expected an event map, got {type(event).__name__}")
+        missing = [k for k in EVENT_KEYS if k not in event]
+        if missing:
+            raise ValueError(f"{where}: event lacks {', '.join(missing)}")
+        etype, ts = event["type"], event["ts"]
+        if etype not in TYPE_ID:
+            raise ValueError(f"{where}: unknown event type {etype!r} (known: {', '.join(EVENT_TYPES)})")
+        if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
+            raise ValueError(f"{where}: ts must be a finite number of seconds, got {ts!r}")
+        user, item = event["user_id"], event["item_id"]
+        for name, value in (("user_id", user), ("item_id", item)):
+            if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+                raise ValueError(f"{where}: {name} must be a non-empty string or int, got {value!r}")
+        log.setdefault(str(user), []).append((float(ts), str(item), etype))
+    out: Log = {}
+    for user, rows in log.items():
+        rows.sort(key=lambda r: r[0])  # list.sort is stable: equal ts keep file order
+        out[user] = [(item, etype, ts) for ts, item, etype in rows]
+    return out
+
+
+def load_attributes(path: str | Path) -> dict[str, list[str]]:
+    """Read `<stem>_item2attributes.json`: item id -> list of attribute ids (as strings)."""
+    with open(path, encoding="utf-8") as f:
+        raw = json.load(f)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object item -> [attribute, ...]")
+    return {str(k): [str(a) for a in v] for k, v in raw.items()}
+
+
+def attributes_beside(path: str | Path) -> Path | None:
+    """The attribute file that sits next to a data file, if there is one."""
+    path = Path(path)
+    candidate = path.with_name(f"{path.stem}_item2attributes.json")
+    return candidate if candidate.exists() else None
+
+
+# ----------------------------------------------------------------------------- splitting
+
+def leave_one_out(log: Log, split: str) -> list[tuple[str, list[Interaction], Interaction | None]]:
+    """(user, input history, target) per user, the standard leave-one-out protocol.
+
+    train: input = all but the last two events, target None (the loss is at every position);
+    valid: input = all but the last two, target = second-last;
+    test:  input = all but the last, target = last.
+    Users too short to have a non-empty input for the split are left out.
+    """
+    out = []
+    for user, seq in log.items():
+        if split == "train":
+            if len(seq) >= 4:  # at least two events left to form one (input, next) pair
+                out.append((user, seq[:-2], None))
+        elif split == "valid":
+            if len(seq) >= 3:
+                out.append((user, seq[:-2], seq[-2]))
+        elif split == "test":
+            if len(seq) >= 2:
+                out.append((user, seq[:-1], seq[-1]))
+        else:
+            raise ValueError(f"split must be 'train', 'valid' or 'test', not {split!r}")
+    return out
+
+
+# ----------------------------------------------------------------------------- tensors
+
+def gap_bucket(gap: float) -> int:
+    """Bucket a time gap in seconds: 1 for under a second, then one bucket per doubling."""
+    if gap < 1.0:
+        return 1
+    return min(N_GAP_BUCKETS - 1, 2 + int(math.log2(gap)))
+
+
+def featurize(history: list[Interaction], item_index: dict[str, int], max_len: int):
+    """Item, type and gap ids of the last `max_len` known events (unknown items skipped)."""
+    items, types, gaps = [], [], []
+    prev_ts = None
+    for item, etype, ts in history:
+        gap = 0 if ts is None or prev_ts is None else gap_bucket(max(0.0, ts - prev_ts))
+        if ts is not None:
+            prev_ts = ts
+        idx = item_index.get(item)
+        if idx is None:
+            continue
+        items.append(idx)
+        types.append(TYPE_ID.get(etype, 0) if etype is not None else 0)
+        gaps.append(gap)
+    return items[-max_len:], types[-max_len:], gaps[-max_len:]
+
+
+def left_pad(rows: list[list[int]], width: int) -> np.ndarray:
+    """Stack ragged rows into an int64 matrix, right-aligned (padding 0 on the left)."""
+    out = np.zeros((len(rows), width), dtype=np.int64)
+    for r, row in enumerate(rows):
+        if row:
+            out[r, width - len(row):] = row[-width:]
+    return out

@@ -1,0 +1,149 @@
+"""Causal Transformer sequence encoder (SASRec family) with tied item embeddings.
+
+References: SASRec (Kang & McAuley, 2018), trained with full softmax cross-entropy at every
+position as in "Turning Dross Into Gold Loss: is BERT4Rec really better than SASRec?"
+(Klenitskiy & Vasilev, 2023). The structure follows nanoGPT: config, small modules, model.
+
+The output at position t depends only on positions <= t, so a user's vector (the output at
+the last position) can be recomputed whenever an event arrives. Item scores are inner
+products with `item_vectors()`, which are also the input embeddings (tied).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.data import EVENT_TYPES, N_GAP_BUCKETS
+
+
+@dataclass
+class EncoderConfig:
+    n_items: int = 0  # set from the vocabulary; row 0 of the item table is padding
+    n_attributes: int = 0  # 0: no attribute features; row 0 of the attribute table is padding
+    max_attrs: int = 0  # attributes per item kept in the item -> attribute table
+    max_len: int = 50
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 1
+    dropout: float = 0.5  # inside the blocks
+    emb_dropout: float = 0.5  # on the summed input embeddings
+    n_types: int = len(EVENT_TYPES) + 1  # 0 = unknown
+    n_gaps: int = N_GAP_BUCKETS  # 0 = unknown
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        assert cfg.dim % cfg.n_heads == 0
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, mask):
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=2)
+        q, k, v = (t.view(B, L, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.dim, 4 * cfg.dim)
+        self.out = nn.Linear(4 * cfg.dim, cfg.dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.out(self.dropout(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block, as in GPT-2."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.dim)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.dim)
+        self.mlp = FeedForward(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, mask):
+        x = x + self.dropout(self.attn(self.ln1(x), mask))
+        return x + self.dropout(self.mlp(self.ln2(x)))
+
+
+class SequenceEncoder(nn.Module):
+    """Left-padded (items, types, gaps) id sequences -> one hidden vector per position."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.dim, padding_idx=0)
+        # Positions count back from the newest event (left padding), so "the last event"
+        # always has the same position embedding, in training and when serving.
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.dim)
+        self.type_emb = nn.Embedding(cfg.n_types, cfg.dim)
+        self.gap_emb = nn.Embedding(cfg.n_gaps, cfg.dim)
+        if cfg.n_attributes:
+            self.attr_emb = nn.Embedding(cfg.n_attributes + 1, cfg.dim, padding_idx=0)
+            # item -> attribute ids (0-padded); a buffer so it is saved with the weights.
+            self.register_buffer("item_attrs", torch.zeros(cfg.n_items + 1, cfg.max_attrs, dtype=torch.long))
+        self.emb_dropout = nn.Dropout(cfg.emb_dropout)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
+        self.ln_f = nn.LayerNorm(cfg.dim)
+        self.apply(self._init_weights)
+        # "Unknown" type and gap start at zero so logs without them see no extra signal.
+        nn.init.zeros_(self.type_emb.weight)
+        nn.init.zeros_(self.gap_emb.weight)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.padding_idx is not None:
+                nn.init.zeros_(module.weight[module.padding_idx])
+
+    def item_vectors(self) -> torch.Tensor:
+        """[n_items + 1, dim]: the input embeddings and the output scoring vectors (tied)."""
+        w = self.item_emb.weight
+        if self.cfg.n_attributes:
+            attrs = self.item_attrs
+            n = (attrs > 0).sum(1, keepdim=True).clamp(min=1)
+            w = w + self.attr_emb(attrs).sum(1) / n
+        return w
+
+    def forward(self, items, types=None, gaps=None, item_vecs=None):
+        """items/types/gaps: [B, L] int64, left-padded with 0. Returns [B, L, dim]."""
+        B, L = items.shape
+        assert L <= self.cfg.max_len, f"sequence length {L} > max_len {self.cfg.max_len}"
+        if item_vecs is None:
+            item_vecs = self.item_vectors()
+        pos = torch.arange(self.cfg.max_len - L, self.cfg.max_len, device=items.device)
+        x = F.embedding(items, item_vecs) * math.sqrt(self.cfg.dim) + self.pos_emb(pos)
+        if types is not None:
+            x = x + self.type_emb(types)
+        if gaps is not None:
+            x = x + self.gap_emb(gaps)
+        keep = (items > 0).unsqueeze(-1)
+        x = self.emb_dropout(x) * keep
+        # Causal mask; padding keys are hidden, except that each position may see itself so
+        # that a padding row never has an empty softmax (its output is ignored anyway).
+        causal = torch.ones(L, L, dtype=torch.bool, device=items.device).tril()
+        eye = torch.eye(L, dtype=torch.bool, device=items.device)
+        mask = (causal & (items > 0).unsqueeze(1)) | eye  # [B, L(query), L(key)]
+        mask = mask.unsqueeze(1)  # broadcast over heads
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.ln_f(x)

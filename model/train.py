@@ -1,0 +1,235 @@
+"""Training: one recipe, one visible loop.
+
+Leave-one-out: the model trains on all but each user's last two events, picks its best epoch
+by validation NDCG@10 (second-last event), and reports test metrics (last event) once, at the
+end. The loss is full softmax cross-entropy over all items at every position, with tied
+input/output item embeddings; the recipe's hyper-parameters are the dataclass defaults.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from model.artifact import ModelArtifact, default_device
+from model.data import Log, attributes_beside, featurize, leave_one_out, left_pad, load_attributes, load_log
+from model.encoder import EncoderConfig, SequenceEncoder
+from model.evaluate import build_eval_set, evaluate
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    epochs: int = 200  # an upper bound; early stopping and max_minutes usually end sooner
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.0
+    patience: int = 10  # epochs without a better validation NDCG@10 before stopping
+    max_minutes: float = 18.0  # wall-clock cap on the loop; the best epoch so far is kept
+    use_attributes: bool = True  # item attribute features, when attributes are available
+    bf16: bool = True  # mixed precision where the hardware runs bfloat16 fast (CUDA, AVX512-BF16)
+    seed: int = 0
+    threads: int = 2
+
+
+# ----------------------------------------------------------------------------- data
+
+def bf16_is_fast(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def build_vocab(log: Log) -> list[str]:
+    """All item ids of the log, numeric ids in numeric order, others after them."""
+    items = {i for seq in log.values() for i, _, _ in seq}
+    return sorted(items, key=lambda s: (0, int(s), "") if s.isascii() and s.isdigit() else (1, 0, s))
+
+
+def training_tensors(log: Log, item_index: dict[str, int], max_len: int):
+    """Left-padded (inputs, types, gaps, next-item targets) of every training sequence."""
+    xs, ts, gs, ys = [], [], [], []
+    for _, hist, _ in leave_one_out(log, "train"):
+        items, types, gaps = featurize(hist, item_index, max_len + 1)
+        xs.append(items[:-1]); ts.append(types[:-1]); gs.append(gaps[:-1]); ys.append(items[1:])
+    lengths = np.array([len(x) for x in xs])
+    return [torch.from_numpy(left_pad(a, max_len)) for a in (xs, ts, gs, ys)] + [lengths]
+
+
+def length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Random batches of similar length: most users are short, so padding every batch to the
+    longest user would waste most of the compute. Shuffle, sort within large chunks, shuffle
+    the batches."""
+    perm = rng.permutation(len(lengths))
+    batches = []
+    for c in range(0, len(perm), batch_size * 50):
+        part = perm[c:c + batch_size * 50]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def attribute_table(items: list[str], attributes: dict[str, list[str]]):
+    """Item -> attribute ids as a 0-padded [n_items + 1, max_attrs] tensor, and the count."""
+    names = sorted({a for i in items for a in attributes.get(i, [])})
+    index = {a: n + 1 for n, a in enumerate(names)}
+    width = max([len(attributes.get(i, [])) for i in items] + [1])
+    rows = [[]] + [[index[a] for a in attributes.get(i, [])] for i in items]
+    table = np.zeros((len(rows), width), dtype=np.int64)
+    for r, row in enumerate(rows):
+        table[r, :len(row)] = row
+    return torch.from_numpy(table), len(names)
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(log: Log | str | Path, cfg: TrainConfig | None = None, out_dir: str | Path = "runs/model",
+          progress: bool = True, attributes: dict[str, list[str]] | None = None,
+          data_path: str | None = None) -> ModelArtifact:
+    """Train the default recipe on `log` (a log or a path to one); save into `out_dir`."""
+    cfg = cfg or TrainConfig()
+    t_start = time.time()
+    if not isinstance(log, dict):
+        data_path = str(log)
+        if attributes is None and cfg.use_attributes and attributes_beside(log):
+            attributes = load_attributes(attributes_beside(log))
+        log = load_log(log)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    device = default_device()
+
+    # ---- data and model
+    items = build_vocab(log)
+    ecfg = dataclasses.replace(cfg.encoder, n_items=len(items))
+    attr_table = None
+    if attributes and cfg.use_attributes:
+        attr_table, n_attrs = attribute_table(items, attributes)
+        if n_attrs:
+            ecfg = dataclasses.replace(ecfg, n_attributes=n_attrs, max_attrs=attr_table.shape[1])
+    encoder = SequenceEncoder(ecfg)
+    if ecfg.n_attributes:
+        encoder.item_attrs.copy_(attr_table)
+    artifact = ModelArtifact(encoder, items, device=device)
+    X, T, G, Y, lengths = training_tensors(log, artifact.item_index, ecfg.max_len)
+    if len(lengths) == 0:
+        raise ValueError("no user has the 4+ events that leave-one-out training needs")
+    valid = build_eval_set(log, artifact.item_index, ecfg.max_len, "valid")
+    n_params = sum(p.numel() for p in encoder.parameters())
+    logger.info("training on %d sequences, %d items, %d attributes, %d parameters, device %s",
+             len(lengths), len(items), ecfg.n_attributes, n_params, device)
+
+    opt = torch.optim.Adam(encoder.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and bf16_is_fast(device))
+
+    # ---- loop
+    history, best, best_state, bad_epochs = [], -1.0, None, 0
+    deadline = t_start + 60 * cfg.max_minutes
+    bar = tqdm(range(1, cfg.epochs + 1), disable=not progress, unit="epoch", desc="train")
+    stopped = "epochs"
+    for epoch in bar:
+        encoder.train()
+        losses, out_of_time = [], False
+        for idx in length_batches(lengths, cfg.batch_size, rng):
+            width = int(lengths[idx].max())  # trim the batch to its longest sequence
+            idx = torch.from_numpy(idx)
+            x, t, g, y = (a[idx, -width:].to(device) for a in (X, T, G, Y))
+            with autocast:
+                item_vecs = encoder.item_vectors()
+                h = encoder(x, t, g, item_vecs=item_vecs)
+                sel = y > 0
+                logits = h[sel] @ item_vecs[1:].T  # full softmax over all items, every position
+                loss = F.cross_entropy(logits.float(), y[sel] - 1, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            if time.time() > deadline:
+                out_of_time = True
+                break
+
+        metrics = evaluate(artifact, log, "valid", eval_set=valid)
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_NDCG@10": metrics["NDCG@10"],
+                        "val_HR@10": metrics["HR@10"], "seconds": time.time() - t_start})
+        if metrics["NDCG@10"] > best:
+            best, bad_epochs = metrics["NDCG@10"], 0
+            best_state = copy.deepcopy(encoder.state_dict())
+        else:
+            bad_epochs += 1
+        left = max(0.0, deadline - time.time())
+        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", val_ndcg10=f"{metrics['NDCG@10']:.4f}",
+                        best=f"{best:.4f}", left=f"{left / 60:.1f}m")
+        logger.info("epoch %d loss %.4f val HR@10 %.4f NDCG@10 %.4f (%.0fs)", epoch, history[-1]["loss"],
+                 metrics["HR@10"], metrics["NDCG@10"], history[-1]["seconds"])
+        if out_of_time or time.time() > deadline:
+            stopped = "max_minutes"
+            break
+        if bad_epochs >= cfg.patience:
+            stopped = "early_stopping"
+            break
+    bar.close()
+
+    # ---- restore the best epoch, evaluate, save
+    encoder.load_state_dict(best_state)
+    train_seconds = time.time() - t_start
+    final = {"valid": evaluate(artifact, log, "valid", eval_set=valid), "test": evaluate(artifact, log, "test")}
+    best_epoch = max(history, key=lambda r: r["val_NDCG@10"])["epoch"]
+    logger.info("stopped (%s) after %d epochs, best epoch %d: valid %s test %s", stopped, len(history),
+             best_epoch, _fmt(final["valid"]), _fmt(final["test"]))
+    artifact.metadata.update({
+        "data_path": data_path, "metrics": final, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "train_seconds": round(train_seconds, 1), "seed": cfg.seed, "epochs_run": len(history),
+        "best_epoch": best_epoch, "stopped": stopped, "device": str(device), "parameters": n_params,
+        "train_config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "encoder"},
+    })
+    out_dir = Path(out_dir)
+    artifact.save(out_dir)
+    (out_dir / "metrics.json").write_text(json.dumps({"final": final, "history": history}, indent=2))
+    plot_curve(history, out_dir / "training_curve.png")
+    return artifact
+
+
+def plot_curve(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, ax1 = plt.subplots(figsize=(7, 4))
+    ax1.plot(epochs, [r["loss"] for r in history], color="tab:blue")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("train loss", color="tab:blue")
+    ax2 = ax1.twinx()
+    ax2.plot(epochs, [r["val_NDCG@10"] for r in history], color="tab:orange")
+    ax2.set_ylabel("validation NDCG@10", color="tab:orange")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _fmt(m: dict) -> str:
+    return " ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "users")

@@ -1,0 +1,151 @@
+"""One micro-batch of users -> ranked lists: encode (model/), search (index/), rerank (index/).
+
+This is the batched, CPU/GPU-heavy part of the worker; it runs off the event loop in a
+worker thread (torch and faiss release the GIL). A new model directory is loaded in the
+background and swapped in between batches (hot-swap), so each list names the model version
+that produced it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from index.catalogue import Catalogue
+from index.item_index import ItemIndex
+from index.rerank import Reranker, RerankConfig, UserContext
+from index.trending import Trending
+from model.artifact import METADATA, ModelArtifact
+from stream.state import UserState
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "items.faiss"
+CANDIDATES_PER_K = 10       # FAISS candidates fetched per list slot, before filters and diversity
+MIN_CANDIDATES = 100
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model directory, or a folder of them (the newest complete one wins), or a symlink."""
+    path = Path(path)
+    if (path / METADATA).exists():
+        return path.resolve()
+    if path.is_dir():
+        versions = sorted((p for p in path.iterdir() if (p / METADATA).exists()),
+                          key=lambda p: (p / METADATA).stat().st_mtime)
+        if versions:
+            return versions[-1].resolve()
+    raise FileNotFoundError(f"no model directory at {path} (expected {METADATA} there or in a subfolder)")
+
+
+def read_version(model_dir: Path) -> str:
+    import json
+
+    return json.loads((model_dir / METADATA).read_text())["version"]
+
+
+@dataclass
+class ServingModel:
+    """A loaded model version: encoder, its item index and a reranker over its items."""
+
+    artifact: ModelArtifact
+    index: ItemIndex
+    reranker: Reranker
+    path: Path
+
+    @property
+    def version(self) -> str:
+        return self.artifact.version
+
+    @classmethod
+    def load(cls, path: str | Path, catalogue: Catalogue, config: RerankConfig) -> "ServingModel":
+        started = time.perf_counter()
+        model_dir = resolve_model_dir(path)
+        artifact = ModelArtifact.load(model_dir)
+        vectors = artifact.item_embeddings()
+        index_path = model_dir / INDEX_FILE
+        index = ItemIndex.load(index_path) if index_path.exists() else ItemIndex.build(vectors)
+        reranker = Reranker(config, catalogue, vectors, artifact.items)
+        log.info("loaded model %s from %s (%d items) in %.2fs", artifact.version, model_dir,
+                 len(artifact.items), time.perf_counter() - started)
+        return cls(artifact, index, reranker, model_dir)
+
+
+class Recommender:
+    """Batch recommendation with cold start (trending) and between-batch model swaps."""
+
+    def __init__(self, model_path: str | Path, config: RerankConfig | None = None,
+                 catalogue: Catalogue | None = None, trending: Trending | None = None):
+        self.model_path = Path(model_path)
+        self.config = config or RerankConfig()
+        self.catalogue = catalogue or Catalogue()
+        self.trending = trending or Trending()
+        self.model = ServingModel.load(self.model_path, self.catalogue, self.config)
+        self._pending: ServingModel | None = None
+        self.timings: dict[str, float] = {}
+
+    @property
+    def version(self) -> str:
+        return self.model.version
+
+    # --- hot-swap: poll (any thread), then swap on the loop between batches
+    def poll_for_new_version(self) -> bool:
+        """Load a newer model directory if one appeared; returns True when one is pending."""
+        try:
+            model_dir = resolve_model_dir(self.model_path)
+            version = read_version(model_dir)
+        except (FileNotFoundError, KeyError, ValueError) as exc:
+            log.warning("model poll: %s", exc)
+            return False
+        if version == self.model.version or (self._pending and version == self._pending.version):
+            return self._pending is not None
+        try:
+            self._pending = ServingModel.load(model_dir, self.catalogue, self.config)
+        except Exception:  # a half-written directory: try again at the next poll
+            log.exception("could not load model at %s; keeping %s", model_dir, self.model.version)
+            return False
+        return True
+
+    def swap_if_pending(self) -> str | None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        old, self.model = self.model.version, pending
+        log.info("hot-swapped model %s -> %s", old, pending.version)
+        return pending.version
+
+    # --- the batch path
+    def recommend(self, states: list[UserState]) -> tuple[list[list[dict]], str]:
+        """Lists for each state, and the version of the model that made them."""
+        model = self.model  # one version for the whole batch, even if a swap is pending
+        k = self.config.k
+        t0 = time.perf_counter()
+        vectors = model.artifact.encode([s.history() for s in states])
+        t1 = time.perf_counter()
+        warm = np.flatnonzero(np.abs(vectors).sum(axis=1) > 0)
+        lists: list[list[dict]] = [[] for _ in states]
+        if len(warm):
+            n_cand = min(len(model.index), max(MIN_CANDIDATES, CANDIDATES_PER_K * k))
+            scores, rows = model.index.search(vectors[warm], n_cand)
+            t2 = time.perf_counter()
+            contexts = [UserContext(history=states[i].items, purchased=frozenset(states[i].purchased))
+                        for i in warm]
+            for i, ranked in zip(warm, model.reranker.rerank(contexts, rows, scores)):
+                lists[i] = ranked
+        else:
+            t2 = t1
+        for i, state in enumerate(states):
+            if not lists[i]:  # cold start: no usable history, or filters left nothing
+                lists[i] = self.cold_start(state)
+        t3 = time.perf_counter()
+        self.timings = {"encode": t1 - t0, "search": t2 - t1, "rerank": t3 - t2}
+        return lists, model.version
+
+    def cold_start(self, state: UserState) -> list[dict]:
+        exclude = set(state.items) | set(state.purchased)
+        top = self.trending.top(self.config.k, exclude=exclude, available=self.catalogue)
+        return [{"item_id": item, "score": float(score), "because": None} for item, score in top]

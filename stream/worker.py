@@ -1,0 +1,237 @@
+"""The Faust worker: for each micro-batch of shop events, update state, recommend, publish.
+
+    shop-events ─▶ decode/validate (bad ─▶ shop-events-dlq) ─▶ coalesce per user
+       ─▶ user-state table ─▶ encode + search + rerank (one batched call, off-loop)
+       ─▶ recommendations (one list per user per batch) ─▶ ack ─▶ offsets committed
+
+Offsets are committed only after the batch's lists (and state changelog) are written, so a
+crash can repeat a list but never lose one (at-least-once; state updates are idempotent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faust
+import numpy as np
+from faust.streams import _current_event
+
+from index.catalogue import Catalogue
+from index.rerank import RerankConfig
+from index.trending import Trending, event_weights
+from stream import compat
+from stream.events import (DLQ_TOPIC, EVENTS_TOPIC, ITEMS_TOPIC, RECOMMENDATIONS_TOPIC, InvalidMessage,
+                           decode_event, decode_item, encode_dead_letter, encode_recommendations)
+from stream.recommender import Recommender
+from stream.state import UserState, coalesce_by_user
+
+log = logging.getLogger(__name__)
+
+STATE_TABLE = "user-state"
+
+
+@dataclass
+class WorkerSettings:
+    broker: str
+    model: Path
+    group: str = "streamrec"
+    partitions: int = 4
+    max_batch: int = 512            # events per micro-batch (one encoder call, one FAISS search)
+    batch_wait_s: float = 0.02      # how long a partial batch waits for more events
+    store: str = "auto"             # "rocksdb", "memory" or "auto" (rocksdb when rocksdict imports)
+    data_dir: Path = Path(".streamrec")
+    reload_interval_s: float = 5.0  # how often the model directory is checked for a new version
+    metrics_port: int | None = None
+    rerank: RerankConfig = field(default_factory=RerankConfig)
+
+    @property
+    def changelog_topic(self) -> str:
+        return f"{self.group}-{STATE_TABLE}-changelog"
+
+    def topics(self) -> dict[str, int]:
+        """Every topic the worker uses, with its partition count (created up front)."""
+        return {EVENTS_TOPIC: self.partitions, RECOMMENDATIONS_TOPIC: self.partitions,
+                DLQ_TOPIC: 1, ITEMS_TOPIC: 1, self.changelog_topic: self.partitions}
+
+
+def store_url(choice: str) -> str:
+    if choice == "auto":
+        try:
+            import rocksdict  # noqa: F401
+            choice = "rocksdb"
+        except ImportError:
+            choice = "memory"
+    return f"{choice}://"
+
+
+class EventContext:
+    """Points Faust's "current event" at ``event`` while a table key is written.
+
+    In a ``take_events`` batch, Faust's current event is the batch's last one, possibly from
+    another partition; a table write must go to the changelog partition (and RocksDB column)
+    of the event that caused it, i.e. the user's own partition.
+    """
+
+    __slots__ = ("event", "token")
+
+    def __init__(self, event):
+        self.event = event
+
+    def __enter__(self):
+        self.token = _current_event.set(weakref.ref(self.event))
+
+    def __exit__(self, *exc):
+        _current_event.reset(self.token)
+
+
+def create_app(settings: WorkerSettings, recommender: Recommender, metrics=None) -> faust.App:
+    compat.patch_faust_recovery()
+    app = faust.App(
+        settings.group,
+        broker=f"kafka://{settings.broker}",
+        store=store_url(settings.store),
+        datadir=str(settings.data_dir),
+        web_enabled=False,
+        topic_partitions=settings.partitions,
+        topic_replication_factor=1,
+        key_serializer="raw",
+        value_serializer="raw",
+        consumer_auto_offset_reset="earliest",
+        processing_guarantee="at_least_once",
+        stream_buffer_maxsize=max(4096, 4 * settings.max_batch),
+        broker_commit_interval=1.0,
+        producer_linger=0.002,
+        **compat.FAST_GROUP_SETTINGS,
+    )
+    events = app.topic(EVENTS_TOPIC, partitions=settings.partitions, key_serializer="raw",
+                       value_serializer="raw")
+    items = app.topic(ITEMS_TOPIC, partitions=1, key_serializer="raw", value_serializer="raw")
+    table = app.Table(STATE_TABLE, default=None, partitions=settings.partitions,
+                      key_type=bytes, value_type=bytes)
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recommend")
+    catalogue_updates: list = []   # applied between batches, never while a batch reads the catalogue
+    stats = {"events": 0, "dlq": 0, "published": 0, "batches": 0}
+    app.streamrec_stats = stats
+
+    async def dead_letter(message, reason: str) -> None:
+        stats["dlq"] += 1
+        if metrics:
+            metrics.count_dlq(reason.split(":")[0])
+        await app.producer.send(DLQ_TOPIC, message.key, encode_dead_letter(
+            message.value, reason, message.topic, message.partition, message.offset, message.key),
+            None, None, None)
+
+    @app.agent(items, name="catalogue")
+    async def catalogue_agent(stream):
+        """Stock, attributes and boosts from the compacted ``shop-items`` topic."""
+        async for event in stream.events():
+            try:
+                catalogue_updates.append(decode_item(event.message.key, event.message.value))
+            except InvalidMessage as exc:
+                await dead_letter(event.message, exc.reason)
+
+    @app.agent(events, name="recommend")
+    async def recommend_agent(stream):
+        """For each batch of events: update state, encode, search, rerank, publish."""
+        loop = asyncio.get_running_loop()
+        async for batch in stream.take_events(settings.max_batch, within=settings.batch_wait_s):
+            apply_catalogue_updates(recommender, catalogue_updates)
+            recommender.swap_if_pending()
+            await process_batch(batch, loop)
+
+    async def process_batch(batch, loop) -> None:
+        t0 = time.perf_counter()
+        valid = []
+        for event in batch:
+            try:
+                valid.append((decode_event(event.message.value), event))
+            except InvalidMessage as exc:
+                await dead_letter(event.message, exc.reason)
+        by_user = coalesce_by_user(valid)
+        states = []
+        for user, pairs in by_user.items():
+            key = user.encode()
+            state = UserState.decode(table.get(key))
+            if state.apply(e for e, _ in pairs):
+                with EventContext(pairs[-1][1]):
+                    table[key] = state.encode()
+            states.append(state)
+        if valid:
+            recommender.trending.observe([e.item_id for e, _ in valid], [e.ts for e, _ in valid],
+                                         event_weights([e.type for e, _ in valid]))
+        t1 = time.perf_counter()
+        if states:
+            lists, version = await loop.run_in_executor(executor, recommender.recommend, states)
+            t2 = time.perf_counter()
+            now = time.time()
+            futures = [
+                await app.producer.send(
+                    RECOMMENDATIONS_TOPIC, user.encode(),
+                    encode_recommendations(user, ranked, version, state.last_event_id,
+                                           state.last_event_ts, now),
+                    None, None, None)
+                for (user, state, ranked) in zip(by_user, states, lists)
+            ]
+            await asyncio.gather(*futures)
+        else:
+            t2 = t1
+        # The table's changelog goes through Faust's buffer: flush it before the batch is acked.
+        await app.producer.buffer.flush()
+        await app.producer.flush()
+        t3 = time.perf_counter()
+        stats["events"] += len(batch)
+        stats["published"] += len(states)
+        stats["batches"] += 1
+        if metrics:
+            metrics.observe_batch(len(batch))
+            metrics.observe_stage("state", t1 - t0)
+            for stage, seconds in recommender.timings.items():
+                metrics.observe_stage(stage, seconds)
+            metrics.observe_stage("publish", t3 - t2)
+            metrics.count_published(len(states))
+            if valid:
+                done = time.time()
+                metrics.observe_event_latency(done - np.fromiter((s.last_event_ts for s in states), float))
+
+    @app.timer(settings.reload_interval_s)
+    async def poll_model():
+        """Hot-swap: load a new model version off-loop; the agent swaps it in between batches."""
+        await asyncio.get_running_loop().run_in_executor(None, recommender.poll_for_new_version)
+
+    if metrics is not None:
+        @app.task
+        async def start_metrics():
+            await metrics.start(settings.metrics_port, settings.broker)
+
+    return app
+
+
+def apply_catalogue_updates(recommender: Recommender, updates: list) -> None:
+    if not updates:
+        return
+    pending, updates[:] = list(updates), []
+    for item in pending:
+        if item.removed:
+            recommender.catalogue.remove(item.item_id)
+        else:
+            recommender.catalogue.update({"item_id": item.item_id, "in_stock": item.in_stock,
+                                          "attributes": list(item.attributes), "boost": item.boost})
+
+
+def run_worker(settings: WorkerSettings, loglevel: str = "info") -> None:
+    """Create topics, load the model, and run the Faust worker until SIGINT/SIGTERM."""
+    asyncio.run(compat.ensure_topics(settings.broker, settings.topics()))
+    recommender = Recommender(settings.model, settings.rerank)
+    metrics = None
+    if settings.metrics_port is not None:
+        from stream.metrics import WorkerMetrics
+        metrics = WorkerMetrics(settings.group)
+    app = create_app(settings, recommender, metrics)
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    worker.execute_from_commandline()

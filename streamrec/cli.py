@@ -1,0 +1,196 @@
+"""The ``streamrec`` command line: broker, train, eval, worker, replay, lag, demo, bench."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Streaming real-time recommendations for online shops (Kafka in, lists out).")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: end-to-end throughput and latency.")
+app.add_typer(bench_app, name="bench")
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def broker(port: int = typer.Option(9092, help="Loopback port to listen on."),
+           host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default).")):
+    """Run the embedded Kafka-protocol broker (Tansu, memory storage) in the foreground."""
+    from stream.broker import EmbeddedBroker
+
+    b = EmbeddedBroker(port=port, host=host).start()
+    typer.echo(f"broker listening on {b.bootstrap} (memory storage; Ctrl-C to stop)")
+    try:
+        b.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        b.stop()
+
+
+@app.command()
+def train(data: Path = typer.Option(..., exists=True, dir_okay=False, help="Event log or sequence file."),
+          out: Path = typer.Option(..., help="Model directory to write (replaced atomically)."),
+          epochs: Optional[int] = typer.Option(None, help="Upper bound on epochs (default: the recipe's)."),
+          max_minutes: Optional[float] = typer.Option(None, help="Wall-clock cap on training."),
+          seed: int = typer.Option(0),
+          attributes: Optional[Path] = typer.Option(None, exists=True, help="item -> attributes JSON."),
+          progress: bool = typer.Option(True, help="Show a progress bar."),
+          verbose: bool = typer.Option(False, "--verbose", "-v")):
+    """Train the sequence encoder and write a versioned model directory with its FAISS index."""
+    _logging(verbose)
+    from dataclasses import replace
+
+    from model.data import load_attributes
+    from model.train import TrainConfig
+    from model.train import train as train_model
+
+    cfg = TrainConfig(seed=seed)
+    if epochs is not None:
+        cfg = replace(cfg, epochs=epochs)
+    if max_minutes is not None:
+        cfg = replace(cfg, max_minutes=max_minutes)
+    try:
+        artifact = write_model_dir(out, lambda tmp: train_model(
+            data, cfg, out_dir=tmp, progress=progress,
+            attributes=load_attributes(attributes) if attributes else None))
+    except ValueError as exc:
+        _fail(str(exc))
+    m = artifact.metadata.get("metrics", {})
+    typer.echo(f"model {artifact.version} -> {out}")
+    typer.echo(json.dumps(m, indent=None, default=float))
+
+
+def write_model_dir(out: Path, train_into):
+    """Train into a temporary sibling, add the item index, then rename into place.
+
+    A worker watching ``out`` (or its parent) never sees a half-written model.
+    """
+    from index.item_index import ItemIndex
+    from stream.recommender import INDEX_FILE
+
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    artifact = train_into(tmp)
+    ItemIndex.build(artifact.item_embeddings()).save(tmp / INDEX_FILE)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out)
+    return artifact
+
+
+@app.command("eval")
+def evaluate(model: Path = typer.Option(..., exists=True, file_okay=False, help="Model directory."),
+             data: Path = typer.Option(..., exists=True, dir_okay=False, help="Event log or sequence file."),
+             split: str = typer.Option("test", help="test (last item) or valid (second-last)."),
+             as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
+    """Full-ranking leave-one-out HR@10/NDCG@10 (+@20), history masked."""
+    from model.artifact import ModelArtifact
+    from model.data import load_log
+    from model.evaluate import evaluate as run_eval
+
+    t0 = time.perf_counter()
+    artifact = ModelArtifact.load(model)
+    try:
+        metrics = run_eval(artifact, load_log(data), split=split)
+    except ValueError as exc:
+        _fail(str(exc))
+    result = {"model": str(model), "model_version": artifact.version, "data": str(data),
+              "split": split, **{k: (float(v) if isinstance(v, float) else v) for k, v in metrics.items()},
+              "seconds": round(time.perf_counter() - t0, 2)}
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        for key, value in result.items():
+            typer.echo(f"{key:>14}: {value:.4f}" if isinstance(value, float) else f"{key:>14}: {value}")
+
+
+@app.command()
+def worker(broker: str = typer.Option(..., help="Kafka bootstrap HOST:PORT."),
+           model: Path = typer.Option(..., exists=True, help="Model directory, or a folder of them (newest wins)."),
+           group: str = typer.Option("streamrec", help="Consumer group id."),
+           partitions: int = typer.Option(4, help="Partitions of the topics the worker creates."),
+           max_batch: int = typer.Option(512, help="Events per micro-batch."),
+           batch_wait: float = typer.Option(0.02, help="Seconds a partial batch waits for more events."),
+           store: str = typer.Option("auto", help="State store: rocksdb, memory or auto."),
+           data_dir: Path = typer.Option(Path(".streamrec"), help="Local state (RocksDB) directory."),
+           k: int = typer.Option(20, help="List length."),
+           metrics_port: Optional[int] = typer.Option(None, help="Serve Prometheus metrics on 127.0.0.1:PORT."),
+           reload_interval: float = typer.Option(5.0, help="Seconds between checks for a new model version."),
+           loglevel: str = typer.Option("info")):
+    """Run the Faust worker: shop-events in, recommendations out."""
+    from index.rerank import RerankConfig
+    from stream.worker import WorkerSettings, run_worker
+
+    if store not in ("auto", "rocksdb", "memory"):
+        _fail("--store must be rocksdb, memory or auto")
+    settings = WorkerSettings(broker=broker, model=model, group=group, partitions=partitions,
+                              max_batch=max_batch, batch_wait_s=batch_wait, store=store,
+                              data_dir=data_dir, metrics_port=metrics_port,
+                              reload_interval_s=reload_interval, rerank=RerankConfig(k=k))
+    sys.argv = sys.argv[:1]  # Faust's Worker parses argv itself
+    run_worker(settings, loglevel=loglevel)
+
+
+@app.command()
+def demo(data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
+                                             help="Use this event log instead of synthetic traffic."),
+         users: int = typer.Option(2000, help="Synthetic shop: users."),
+         items: int = typer.Option(600, help="Synthetic shop: items."),
+         train_minutes: float = typer.Option(1.5, help="Training time cap."),
+         rate: float = typer.Option(2000.0, help="Events per second streamed to the worker."),
+         seconds: float = typer.Option(30.0, help="How long to stream."),
+         workdir: Optional[Path] = typer.Option(None, help="Keep models and logs here (default: a temp dir)."),
+         seed: int = typer.Option(0)):
+    """Everything at once: broker, synthetic shop, training, worker, live view, summary."""
+    from streamrec.demo import DemoOptions, run_demo
+
+    run_demo(DemoOptions(data=data, users=users, items=items, train_minutes=train_minutes, rate=rate,
+                         seconds=seconds, workdir=workdir, seed=seed))
+
+
+@bench_app.command("e2e")
+def bench_e2e(events: int = typer.Option(20000, help="Events to stream through the worker."),
+              users: int = typer.Option(2000), items: int = typer.Option(600),
+              rate: Optional[float] = typer.Option(None, help="Events/s offered (default: as fast as possible)."),
+              partitions: int = typer.Option(4), max_batch: int = typer.Option(512),
+              model: Optional[Path] = typer.Option(None, help="Model dir (default: train a small one)."),
+              as_json: bool = typer.Option(False, "--json")):
+    """End-to-end through a real broker: events/s and p50/p99 latency (produced_ts - event ts)."""
+    from streamrec.bench import E2EOptions, run_e2e
+
+    result = run_e2e(E2EOptions(events=events, users=users, items=items, rate=rate,
+                                partitions=partitions, max_batch=max_batch, model=model))
+    typer.echo(json.dumps(result) if as_json else "\n".join(f"{k:>22}: {v}" for k, v in result.items()))
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,135 @@
+"""Drive a running worker from outside, as a shop would: produce events, read the lists.
+
+Shared by the demo, the end-to-end benchmark and the integration tests, so all three
+exercise the same path: a separate worker process, a real broker, plain aiokafka clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from stream.events import RECOMMENDATIONS_TOPIC, decode_recommendations, encode_event
+
+PRODUCE_CHUNK = 2000
+
+
+def start_worker(bootstrap: str, model: Path, data_dir: Path, *, group: str = "streamrec",
+                 partitions: int = 4, log_path: Path | None = None, extra: Iterable[str] = ()) -> subprocess.Popen:
+    """``streamrec worker`` as a subprocess (its own session, so it can be stopped cleanly)."""
+    cmd = [sys.executable, "-m", "streamrec.cli", "worker", "--broker", bootstrap, "--model", str(model),
+           "--group", group, "--partitions", str(partitions), "--data-dir", str(data_dir), *extra]
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "160"}
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def stop_worker(proc: subprocess.Popen, timeout: float = 20.0) -> int:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+async def wait_for_worker_ready(bootstrap: str, log_path: Path, timeout: float = 90.0) -> None:
+    """Faust prints "Worker ready" once partitions are assigned and tables recovered."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log_path.exists() and b"Worker ready" in log_path.read_bytes():
+            return
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"worker not ready after {timeout:.0f}s; see {log_path}")
+
+
+async def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes | None]],
+                  rate: float | None = None, on_sent: Callable[[int], None] | None = None) -> int:
+    """Send (key, value) records, paced at ``rate`` per second when given; returns the count."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks=1)
+    await producer.start()
+    sent, pending = 0, []
+    started = time.monotonic()
+    try:
+        for key, value in records:
+            pending.append(await producer.send(topic, value, key=key))
+            sent += 1
+            if rate and sent % max(1, int(rate / 50)) == 0:
+                ahead = sent / rate - (time.monotonic() - started)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+            if len(pending) >= PRODUCE_CHUNK:
+                await asyncio.gather(*pending)
+                pending.clear()
+                if on_sent:
+                    on_sent(sent)
+        await asyncio.gather(*pending)
+        if on_sent:
+            on_sent(sent)
+    finally:
+        await producer.stop()
+    return sent
+
+
+def event_records(events: Iterable[dict], now_ts: bool = False):
+    """Contract events as (key, value); ``now_ts`` stamps each with the send time (latency runs)."""
+    for e in events:
+        if now_ts:
+            e = {**e, "ts": time.time()}
+        yield e["user_id"].encode(), encode_event(e)
+
+
+class ListCollector:
+    """Reads ``recommendations`` from the beginning and keeps each user's latest list."""
+
+    def __init__(self, bootstrap: str, topic: str = RECOMMENDATIONS_TOPIC):
+        self.bootstrap, self.topic = bootstrap, topic
+        self.latest: dict[str, dict] = {}
+        self.messages = 0
+        self.latencies: list[float] = []
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._consumer = AIOKafkaConsumer(self.topic, bootstrap_servers=self.bootstrap,
+                                          auto_offset_reset="earliest", enable_auto_commit=False)
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        assert self._consumer is not None
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=200)
+            for records in batches.values():
+                for r in records:
+                    msg = decode_recommendations(r.value)
+                    self.latest[msg["user_id"]] = msg
+                    self.latencies.append(msg["produced_ts"] - msg["event_ts"])
+                    self.messages += 1
+
+    async def wait_for(self, predicate: Callable[["ListCollector"], bool], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self):
+                return True
+            await asyncio.sleep(0.1)
+        return predicate(self)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self._consumer:
+            await self._consumer.stop()

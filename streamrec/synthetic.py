@@ -1,0 +1,94 @@
+"""Synthetic shop traffic for the demo, tests and load tests (no real data needed).
+
+What makes it shop-like rather than noise:
+- items belong to categories and brands; popularity within a category follows a power law;
+- each user has one to three category interests;
+- users come back in sessions (hours to days apart); inside a session they browse one
+  category, often moving to an item related to the last one (the sequential signal);
+- a funnel: view -> click -> add_to_cart -> purchase, each step less likely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+ZIPF_EXPONENT = 1.1
+RELATED_STEP_P = 0.55        # chance the next view is an item related to the last one
+FUNNEL = {"click": 0.35, "add_to_cart": 0.25, "purchase": 0.45}  # conditional step probabilities
+
+
+@dataclass(frozen=True)
+class ShopSpec:
+    users: int = 2000
+    items: int = 600
+    categories: int = 12
+    brands: int = 40
+    sessions_per_user: tuple[int, int] = (2, 6)
+    views_per_session: tuple[int, int] = (2, 8)
+    start_ts: float = 1_700_000_000.0
+    days: float = 30.0
+    seed: int = 0
+
+
+def item_id(i: int) -> str:
+    return f"sku-{i:05d}"
+
+
+def user_id(u: int) -> str:
+    return f"user-{u:05d}"
+
+
+def catalogue(spec: ShopSpec) -> dict[str, list[str]]:
+    """item id -> attributes (category and brand), as a shop's catalogue would send them."""
+    rng = np.random.default_rng(spec.seed + 1)
+    cats = np.arange(spec.items) % spec.categories
+    brands = rng.integers(0, spec.brands, spec.items)
+    return {item_id(i): [f"category:{cats[i]}", f"brand:{brands[i]}"] for i in range(spec.items)}
+
+
+def generate(spec: ShopSpec = ShopSpec()) -> list[dict]:
+    """Contract-format events (without ``v``), sorted by time across all users."""
+    rng = np.random.default_rng(spec.seed)
+    by_cat = [np.arange(c, spec.items, spec.categories) for c in range(spec.categories)]
+    # power-law popularity inside each category (a random rank order, so ids carry no signal)
+    pop = []
+    for members in by_cat:
+        rank = rng.permutation(len(members)) + 1
+        p = rank.astype(float) ** -ZIPF_EXPONENT
+        pop.append(p / p.sum())
+    events: list[dict] = []
+    horizon = spec.days * 86400.0
+    for u in range(spec.users):
+        n_interests = int(rng.integers(1, 4))
+        interests = rng.choice(spec.categories, n_interests, replace=False)
+        weights = rng.dirichlet(np.ones(n_interests))
+        t = spec.start_ts + float(rng.uniform(0, horizon * 0.3))
+        for _ in range(int(rng.integers(*spec.sessions_per_user, endpoint=True))):
+            c = int(rng.choice(interests, p=weights))
+            members, p = by_cat[c], pop[c]
+            pos = int(rng.choice(len(members), p=p))
+            for _ in range(int(rng.integers(*spec.views_per_session, endpoint=True))):
+                item = item_id(int(members[pos]))
+                t += float(rng.exponential(40.0))
+                events.append(_event(u, item, "view", t))
+                for step in ("click", "add_to_cart", "purchase"):
+                    if rng.random() >= FUNNEL[step]:
+                        break
+                    t += float(rng.exponential(15.0))
+                    events.append(_event(u, item, step, t))
+                if rng.random() < RELATED_STEP_P:
+                    pos = (pos + int(rng.integers(1, 4))) % len(members)
+                else:
+                    pos = int(rng.choice(len(members), p=p))
+            t += float(rng.exponential(horizon / 8))
+    events.sort(key=lambda e: e["ts"])
+    return events
+
+
+def _event(u: int, item: str, kind: str, ts: float) -> dict:
+    uid = user_id(u)
+    eid = hashlib.blake2b(f"{uid}|{item}|{kind}|{ts:.6f}".encode(), digest_size=10).hexdigest()
+    return {"event_id": eid, "user_id": uid, "item_id": item, "type": kind, "ts": round(ts, 6)}

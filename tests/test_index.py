@@ -1,0 +1,232 @@
+"""ItemIndex, Catalogue, Trending and AttributeEmbedder: the pieces under the reranker."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from index import item_index as item_index_module
+from index.catalogue import Catalogue
+from index.cold_start import AttributeEmbedder
+from index.item_index import ItemIndex, recall_at_k
+from index.trending import EVENT_WEIGHTS, Trending, event_weights
+
+DIM = 16
+
+
+def clustered(n: int, dim: int = DIM, clusters: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian-mixture vectors with varying norms, and each vector's cluster."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    labels = rng.integers(0, clusters, size=n)
+    vectors = centres[labels] + 0.3 * rng.standard_normal((n, dim)).astype(np.float32)
+    vectors *= rng.uniform(0.5, 1.5, size=(n, 1)).astype(np.float32)
+    return vectors.astype(np.float32), labels
+
+
+def exact_top(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :k]
+
+
+# --------------------------------------------------------------------------- ItemIndex
+def test_flat_search_matches_brute_force():
+    vectors, _ = clustered(500)
+    queries, _ = clustered(8, seed=1)
+    index = ItemIndex.build(vectors, kind="flat")
+    scores, rows = index.search(queries, 10)
+    assert scores.dtype == np.float32 and rows.dtype == np.int64 and rows.shape == (8, 10)
+    np.testing.assert_array_equal(rows, exact_top(vectors, queries, 10))
+    np.testing.assert_allclose(scores, np.take_along_axis(queries @ vectors.T, rows, 1), rtol=1e-5)
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)
+
+
+def test_auto_uses_flat_below_threshold_and_ivf_above(monkeypatch):
+    vectors, _ = clustered(600)
+    assert ItemIndex.build(vectors).info.kind == "flat"
+    monkeypatch.setattr(item_index_module, "EXACT_MAX_ITEMS", 100)
+    assert ItemIndex.build(vectors).info.kind == "ivf"
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_ann_kinds_reach_high_recall(kind):
+    vectors, _ = clustered(4000)
+    queries = item_index_module.tuning_queries(vectors, 100, seed=7)
+    index = ItemIndex.build(vectors, kind=kind)
+    assert index.info.kind == kind and len(index) == 4000
+    _, rows = index.search(queries, 100)
+    assert recall_at_k(rows, exact_top(vectors, queries, 100)) >= 0.95
+    if kind == "ivf":
+        assert 1 <= index.info.nprobe <= index.info.nlist
+        assert index.info.nlist == item_index_module.ivf_nlist(4000)
+
+
+def test_fewer_items_than_k_pads_with_minus_one():
+    vectors, _ = clustered(5)
+    scores, rows = ItemIndex.build(vectors).search(vectors[:2], 8)
+    assert (rows[:, :5] >= 0).all() and (rows[:, 5:] == -1).all()
+    assert np.isneginf(scores[:, 5:]).all()
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_add_appends_rows_that_search_finds(kind):
+    vectors, _ = clustered(2000)
+    index = ItemIndex.build(vectors, kind=kind)
+    new = 10.0 * np.eye(3, DIM, dtype=np.float32)  # long vectors: top-1 for their own direction
+    rows = index.add(new)
+    np.testing.assert_array_equal(rows, [2000, 2001, 2002])
+    assert len(index) == 2003
+    _, found = index.search(new, 1)
+    np.testing.assert_array_equal(found[:, 0], rows)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_save_load_round_trip(tmp_path, kind):
+    vectors, _ = clustered(2000)
+    index = ItemIndex.build(vectors, kind=kind)
+    index.add(vectors[:3] * 2)
+    path = tmp_path / "items.faiss"
+    index.save(path)
+    loaded = ItemIndex.load(path)
+    assert loaded.info == index.info and len(loaded) == len(index)
+    queries = vectors[:20] + 0.1
+    for before, after in zip(index.search(queries, 50), loaded.search(queries, 50)):
+        np.testing.assert_array_equal(before, after)
+
+
+def test_wrong_input_is_rejected_clearly():
+    vectors, _ = clustered(100)
+    index = ItemIndex.build(vectors)
+    with pytest.raises(ValueError, match="dim 8"):
+        index.search(np.zeros((2, 8), dtype=np.float32), 5)
+    with pytest.raises(TypeError, match="float"):
+        index.search(np.zeros((2, DIM), dtype=np.int64), 5)
+    with pytest.raises(ValueError, match="2-D"):
+        index.search(np.zeros(DIM, dtype=np.float32), 5)
+    with pytest.raises(ValueError, match="dim"):
+        index.add(np.zeros((1, DIM + 1), dtype=np.float32))
+    with pytest.raises(ValueError, match="kind"):
+        ItemIndex.build(vectors, kind="lsh")
+    scores, _ = index.search(np.zeros((1, DIM), dtype=np.float64), 3)  # float64 is converted
+    assert scores.dtype == np.float32
+
+
+# --------------------------------------------------------------------------- Catalogue
+def test_catalogue_availability_rules():
+    catalogue = Catalogue()
+    catalogue.update({"item_id": "a", "in_stock": True, "attributes": ["brand1"]})
+    catalogue.update({"item_id": "b", "in_stock": False, "attributes": []})
+    catalogue.update({"item_id": "c", "in_stock": True, "attributes": []})
+    catalogue.remove("c")
+    mask = catalogue.available(["a", "b", "c", "never-heard-of"])
+    np.testing.assert_array_equal(mask, [True, False, False, True])
+    catalogue.update({"item_id": "b", "in_stock": True, "attributes": []})
+    assert catalogue.available(["b"])[0]
+
+
+def test_catalogue_attributes_boost_and_version():
+    catalogue = Catalogue()
+    version = catalogue.version
+    catalogue.update({"item_id": "a", "in_stock": True, "attributes": ["x", "y", "x"], "boost": 0.5})
+    assert catalogue.version > version
+    assert catalogue.attributes("a") == ("x", "y")
+    assert catalogue.boost("a") == 0.5 and catalogue.boost("unknown") == 0.0
+    assert catalogue.attributes("unknown") == ()
+    catalogue.update({"item_id": "a", "in_stock": True, "attributes": ["x"]})
+    assert catalogue.boost("a") == 0.0 and catalogue.attribute_share("y") == 0.0
+
+
+def test_catalogue_seeded_from_item2attributes(tmp_path):
+    path = tmp_path / "Shop_item2attributes.json"
+    path.write_text(json.dumps({"1": [3, 4], "2": [4]}))
+    catalogue = Catalogue.from_item2attributes(path)
+    assert catalogue.attributes("1") == ("3", "4") and len(catalogue) == 2
+    assert catalogue.attribute_share("4") == 1.0
+    assert catalogue.available(["1", "2"]).all()
+
+
+# ---------------------------------------------------------------------------- Trending
+def test_trending_halves_every_half_life():
+    trending = Trending(half_life_s=100.0)
+    trending.observe(["a"], ts=0.0)
+    assert trending.score("a", now=0.0) == pytest.approx(1.0)
+    assert trending.score("a", now=100.0) == pytest.approx(0.5)
+    assert trending.score("a", now=300.0) == pytest.approx(0.125)
+
+
+def test_trending_prefers_recent_and_heavy_events():
+    trending = Trending(half_life_s=100.0)
+    trending.observe(["old", "old", "old"], ts=[0.0, 0.0, 0.0])  # 3 at t=0 -> 0.75 at t=200
+    trending.observe(["new"], ts=200.0)  # 1 at t=200
+    trending.observe(["bought"], ts=200.0, weights=event_weights(["purchase"]))
+    top = trending.top(3)
+    assert [item for item, _ in top] == ["bought", "new", "old"]
+    assert top[0][1] == pytest.approx(EVENT_WEIGHTS["purchase"])
+    assert top[2][1] == pytest.approx(0.75)
+
+
+def test_trending_exclude_availability_and_batching():
+    trending = Trending(half_life_s=10.0)
+    trending.observe(np.array(["a", "b", "a", "c", "a", "b"]), ts=np.arange(6.0))
+    assert [item for item, _ in trending.top(2)] == ["a", "b"]
+    assert [item for item, _ in trending.top(5, exclude={"a"})] == ["b", "c"]
+    catalogue = Catalogue()
+    catalogue.remove("b")
+    assert [item for item, _ in trending.top(5, available=catalogue)] == ["a", "c"]
+    assert Trending().top(5) == []
+
+
+def test_trending_survives_long_time_spans():
+    trending = Trending(half_life_s=1.0)
+    trending.observe(["a"], ts=0.0)
+    trending.observe(["b", "b"], ts=5000.0)  # 5000 half-lives later: forces a rebase
+    trending.observe(["c"], ts=5000.0)
+    assert [item for item, _ in trending.top(3)] == ["b", "c"]  # "a" decayed to 0
+    assert trending.score("b") == pytest.approx(2.0)
+
+
+# --------------------------------------------------------------------------- Cold start
+def cluster_catalogue(n: int = 600, clusters: int = 12):
+    """Items whose brand (attribute) is their cluster, plus one attribute everyone has."""
+    vectors, labels = clustered(n, clusters=clusters, seed=3)
+    items = [f"i{row}" for row in range(n)]
+    attributes = {item: ["everything", f"brand{label}"] for item, label in zip(items, labels)}
+    return vectors, labels, items, attributes
+
+
+@pytest.mark.parametrize("method", ["mean", "ridge"])
+def test_attribute_embedding_lands_in_its_cluster(method):
+    vectors, labels, items, attributes = cluster_catalogue()
+    embedder = AttributeEmbedder.fit(vectors, items, attributes, method=method)
+    vector = embedder.embed(["brand4", "everything"])
+    assert vector is not None and vector.shape == (DIM,)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    nearest = np.argsort(-(unit @ vector))[:20]
+    assert (labels[nearest] == 4).mean() >= 0.9
+    brand_norms = np.linalg.norm(vectors[labels == 4], axis=1)
+    assert brand_norms.min() < np.linalg.norm(vector) < brand_norms.max()
+
+
+def test_attribute_embedding_unknown_attributes_give_none():
+    vectors, _, items, attributes = cluster_catalogue()
+    embedder = AttributeEmbedder.fit(vectors, items, attributes)
+    assert embedder.embed(["no-such-brand"]) is None
+    assert embedder.embed([]) is None
+    batch, known = embedder.embed_many([["brand1"], ["nope"]])
+    np.testing.assert_array_equal(known, [True, False])
+    assert not batch[1].any()
+
+
+def test_cold_start_item_ranks_high_for_a_user_of_its_brand():
+    vectors, labels, items, attributes = cluster_catalogue()
+    embedder = AttributeEmbedder.fit(vectors, items, attributes)
+    index = ItemIndex.build(vectors)
+    new_row = index.add(embedder.embed(["brand7", "everything"])[None, :])[0]
+    history = np.flatnonzero(labels == 7)[:5]
+    user = vectors[history].mean(axis=0, keepdims=True)  # a user who buys brand7
+    _, rows = index.search(user, 60)  # 10% of the catalogue; brand7 is 1/12 of it
+    assert new_row in rows[0]
+    other = vectors[np.flatnonzero(labels == 2)[:5]].mean(axis=0, keepdims=True)
+    _, rows = index.search(other, 60)
+    assert new_row not in rows[0]

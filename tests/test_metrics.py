@@ -1,0 +1,106 @@
+"""Metric names and labels as Prometheus scrapes them, and the lag gauges fed from Tansu."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from prometheus_client import CollectorRegistry, Histogram
+
+from stream.compat import ensure_topics
+from stream.metrics import EVENT_LATENCY_BUCKETS, WorkerMetrics, observe_many
+
+
+def sample(m: WorkerMetrics, name: str, **labels) -> float | None:
+    return m.registry.get_sample_value(name, labels)
+
+
+def test_exposition_has_names_and_labels():
+    m = WorkerMetrics("streamrec")
+    m.observe_batch(32)
+    m.observe_batch(8)
+    with m.stage("encode"):
+        pass
+    m.observe_stage("search", 0.004)
+    m.observe_event_latency(np.array([0.02, 0.3, 1.5]))
+    m.count_dlq("missing ts")
+    m.count_dlq("not msgpack", 2)
+    m.count_published(40)
+    text = m.exposition().decode()
+    for line in ("streamrec_events_processed_total 40.0",
+                 'streamrec_dlq_messages_total{reason="missing ts"} 1.0',
+                 'streamrec_dlq_messages_total{reason="not msgpack"} 2.0',
+                 "streamrec_recommendations_published_total 40.0",
+                 "streamrec_batch_size_count 2.0",
+                 "streamrec_batch_size_sum 40.0",
+                 "streamrec_event_to_list_latency_seconds_count 3.0"):
+        assert line in text, line
+    for stage in ("state", "encode", "search", "rerank", "publish"):  # every stage, even unused
+        assert f'streamrec_stage_latency_seconds_count{{stage="{stage}"}}' in text
+    assert sample(m, "streamrec_stage_latency_seconds_count", stage="encode") == 1.0
+    assert 'streamrec_stage_latency_seconds_bucket{le="0.005",stage="search"} 1.0' in text
+    assert "# TYPE kafka_consumergroup_lag gauge" in text
+    assert "# TYPE kafka_consumergroup_lag_seconds gauge" in text
+
+
+def test_two_workers_do_not_clash():
+    a, b = WorkerMetrics("a"), WorkerMetrics("b")
+    a.count_published(3)
+    assert sample(a, "streamrec_recommendations_published_total") == 3.0
+    assert sample(b, "streamrec_recommendations_published_total") == 0.0
+
+
+def test_vectorised_histogram_matches_observe():
+    values = np.array([0.0, 0.005, 0.0051, 0.1, 7.0, 299.0, 1e6, np.nan, -1.0])
+    fast = Histogram("h", "h", buckets=EVENT_LATENCY_BUCKETS, registry=CollectorRegistry())
+    slow = Histogram("h", "h", buckets=EVENT_LATENCY_BUCKETS, registry=CollectorRegistry())
+    observe_many(fast, values)
+    for v in values[np.isfinite(values)]:
+        slow.observe(float(v))
+    as_dict = lambda h: {(s.name, tuple(sorted(s.labels.items()))): s.value  # noqa: E731
+                         for metric in h.collect() for s in metric.samples if not s.name.endswith("_created")}
+    assert as_dict(fast) == as_dict(slow)
+
+
+@pytest.mark.integration
+async def test_server_and_lag_collector(broker):
+    await ensure_topics(broker.bootstrap, {"metrics-events": 2})
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+    await producer.start()
+    try:
+        for i in range(12):
+            await producer.send_and_wait("metrics-events", b"x", partition=i % 2,
+                                         timestamp_ms=int((time.time() - 120) * 1000))
+    finally:
+        await producer.stop()
+    consumer = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, group_id="mgroup", enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = [TopicPartition("metrics-events", p) for p in range(2)]
+        consumer.assign(tps)
+        await consumer.commit({tps[0]: 2, tps[1]: 6})
+    finally:
+        await consumer.stop()
+
+    m = WorkerMetrics("mgroup")
+    port = await m.start(0, broker.bootstrap, lag_interval_s=0.2)
+    try:
+        for _ in range(50):
+            if m._collector.last is not None:
+                break
+            await asyncio.sleep(0.1)
+        body = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read())
+    finally:
+        await m.stop()
+    text = body.decode()
+    assert "kafka_consumergroup_lag{" in text and 'topic="metrics-events"' in text
+    key = dict(group="mgroup", topic="metrics-events")
+    assert sample(m, "kafka_consumergroup_lag", partition="0", **key) == 4.0
+    assert sample(m, "kafka_consumergroup_lag", partition="1", **key) == 0.0
+    lag_s = sample(m, "kafka_consumergroup_lag_seconds", group="mgroup", topic="metrics-events", partition="0")
+    assert 100 < lag_s < 200
+    assert "streamrec_consumergroup_status" in text

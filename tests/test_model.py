@@ -1,0 +1,186 @@
+"""model/: reading logs, the causal encoder, the artifact round trip, a tiny training run."""
+
+import json
+import random
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+
+from model.artifact import ModelArtifact
+from model.data import EVENT_TYPES, leave_one_out, load_log
+from model.encoder import EncoderConfig, SequenceEncoder
+from model.evaluate import evaluate, evaluate_popularity
+from model.train import TrainConfig, train
+
+
+def events(n_users=3, per_user=4):
+    out = []
+    for u in range(n_users):
+        for k in range(per_user):
+            out.append({"v": 1, "event_id": f"e{u}-{k}", "user_id": f"u{u}", "item_id": f"i{k}",
+                        "type": EVENT_TYPES[k % 4], "ts": 1000.0 - k, "extra": "ignored"})
+    return out
+
+
+# ----------------------------------------------------------------------------- load_log
+
+def test_load_txt(tmp_path):
+    p = tmp_path / "shop.txt"
+    p.write_text("1 10 11 12\n2 11 13\n\n")
+    log = load_log(p)
+    assert log == {"1": [("10", None, None), ("11", None, None), ("12", None, None)],
+                   "2": [("11", None, None), ("13", None, None)]}
+
+
+def test_load_jsonl_sorts_by_ts_stably(tmp_path):
+    evs = events()
+    evs.append({"v": 1, "event_id": "tie", "user_id": "u0", "item_id": "tie", "type": "view", "ts": 997.0})
+    p = tmp_path / "log.jsonl"
+    p.write_text("\n".join(json.dumps(e) for e in evs) + "\n")
+    log = load_log(p)
+    assert [i for i, _, _ in log["u0"]] == ["i3", "tie", "i2", "i1", "i0"]  # ts ascending, ties in file order
+    assert log["u1"][0] == ("i3", "purchase", 997.0)
+
+
+def test_load_msgpack(tmp_path):
+    p = tmp_path / "log.msgpack"
+    p.write_bytes(b"".join(msgpack.packb(e) for e in events()))
+    assert load_log(p) == load_log(_jsonl(tmp_path, events()))
+
+
+def _jsonl(tmp_path, evs):
+    p = tmp_path / "same.jsonl"
+    p.write_text("\n".join(json.dumps(e) for e in evs))
+    return p
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "not valid JSON"),
+    ('{"v": 1, "user_id": "u", "item_id": "i", "type": "view"}', "lacks ts"),
+    ('{"v": 1, "user_id": "u", "item_id": "i", "type": "like", "ts": 1}', "unknown event type"),
+    ('{"v": 1, "user_id": "u", "item_id": "i", "type": "view", "ts": "soon"}', "ts must be"),
+    ('[1, 2]', "expected an event map"),
+])
+def test_load_jsonl_malformed(tmp_path, line, message):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(json.dumps(events(1, 1)[0]) + "\n" + line + "\n")
+    with pytest.raises(ValueError, match=rf"bad.jsonl:2: .*{message}"):
+        load_log(p)
+
+
+def test_load_txt_malformed(tmp_path):
+    p = tmp_path / "bad.txt"
+    p.write_text("1 10 11\n2\n")
+    with pytest.raises(ValueError, match="bad.txt:2"):
+        load_log(p)
+
+
+def test_load_msgpack_malformed(tmp_path):
+    p = tmp_path / "bad.mpk"
+    good = b"".join(msgpack.packb(e) for e in events(1, 2))
+    p.write_bytes(good + msgpack.packb(events(1, 1)[0])[:-3])  # truncated third object
+    with pytest.raises(ValueError, match="bad.mpk:3"):
+        load_log(p)
+    p.write_bytes(good + msgpack.packb({"user_id": "u"}))
+    with pytest.raises(ValueError, match="bad.mpk:3: event lacks"):
+        load_log(p)
+
+
+def test_leave_one_out():
+    log = {"a": [(str(i), None, None) for i in range(5)]}
+    assert [i for i, _, _ in leave_one_out(log, "train")[0][1]] == ["0", "1", "2"]
+    _, hist, target = leave_one_out(log, "valid")[0]
+    assert len(hist) == 3 and target[0] == "3"
+    _, hist, target = leave_one_out(log, "test")[0]
+    assert len(hist) == 4 and target[0] == "4"
+
+
+# ----------------------------------------------------------------------------- encoder
+
+def test_encoder_is_causal():
+    torch.manual_seed(0)
+    enc = SequenceEncoder(EncoderConfig(n_items=20, max_len=8, dim=16, n_heads=2)).eval()
+    items = torch.tensor([[0, 0, 3, 4, 5, 6, 7, 8]])
+    types = torch.tensor([[0, 0, 1, 2, 3, 4, 1, 2]])
+    gaps = torch.tensor([[0, 0, 0, 3, 4, 5, 6, 7]])
+    h = enc(items, types, gaps)
+    items2, types2, gaps2 = items.clone(), types.clone(), gaps.clone()
+    items2[0, 6], types2[0, 6], gaps2[0, 6] = 19, 4, 9  # change a later event
+    h2 = enc(items2, types2, gaps2)
+    assert torch.allclose(h[0, :6], h2[0, :6], atol=1e-6)
+    assert not torch.allclose(h[0, 6:], h2[0, 6:])
+
+
+def test_user_vector_does_not_depend_on_left_padding():
+    enc = SequenceEncoder(EncoderConfig(n_items=20, max_len=8, dim=16)).eval()
+    a = enc(torch.tensor([[3, 4, 5]]))[:, -1]
+    b = enc(torch.tensor([[0, 0, 0, 0, 3, 4, 5]]))[:, -1]
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- training
+
+def chain_log(n_users=400, n_items=60, seed=0):
+    """Each user walks item i -> i+1 (mod n_items) from a random start, with types and ts."""
+    rng = random.Random(seed)
+    log = {}
+    for u in range(n_users):
+        start, length, ts = rng.randrange(n_items), rng.randrange(5, 12), 1_000_000.0 + rng.random() * 1e5
+        seq = []
+        for k in range(length):
+            ts += rng.choice([5.0, 60.0, 3600.0])
+            seq.append((f"item{(start + k) % n_items}", rng.choice(EVENT_TYPES), ts))
+        log[f"user{u}"] = seq
+    return log
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    log = chain_log()
+    out = tmp_path_factory.mktemp("model")
+    cfg = TrainConfig(encoder=EncoderConfig(dim=32, n_layers=1, max_len=20, dropout=0.1, emb_dropout=0.1),
+                      epochs=12, batch_size=64, lr=3e-3, warmup_steps=10, patience=20, max_minutes=1.0)
+    artifact = train(log, cfg, out, progress=False)
+    return log, out, artifact
+
+
+def test_training_learns_the_sequence(trained):
+    log, out, artifact = trained
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert history[-1]["loss"] < history[0]["loss"] * 0.7
+    model = evaluate(artifact, log, "test")
+    popular = evaluate_popularity(log, "test")
+    assert model["users"] == popular["users"] == len(log)
+    assert model["HR@10"] > popular["HR@10"] + 0.3, (model, popular)
+    assert artifact.metadata["metrics"]["test"]["HR@10"] == pytest.approx(model["HR@10"])
+
+
+def test_artifact_round_trip(trained):
+    log, out, artifact = trained
+    for name in ("model.safetensors", "config.json", "vocab.json", "metadata.json",
+                 "metrics.json", "training_curve.png"):
+        assert (out / name).exists(), name
+    loaded = ModelArtifact.load(out)
+    assert loaded.version == artifact.version and loaded.items == artifact.items
+    histories = [seq[:-1] for seq in log.values()][:50]
+    histories += [[], [("never-seen", "view", 1.0)], [("never-seen", None, None), ("item3", "click", 5.0)]]
+    a, b = artifact.encode(histories), loaded.encode(histories)
+    assert a.dtype == np.float32 and a.shape == (len(histories), artifact.dim)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(loaded.item_embeddings(), artifact.item_embeddings())
+    assert not a[-3:-1].any()  # no known item: zero row
+    np.testing.assert_allclose(a[-1], loaded.encode([[("item3", "click", 5.0)]])[0], atol=1e-6)
+    # The score is an inner product with item_embeddings(): the next item of the chain ranks top.
+    scores = loaded.encode([[("item7", None, None), ("item8", None, None)]]) @ loaded.item_embeddings().T
+    top = [loaded.items[i] for i in np.argsort(-scores[0])[:3]]
+    assert "item9" in top
+
+
+def test_max_minutes_stops_cleanly(tmp_path):
+    cfg = TrainConfig(encoder=EncoderConfig(dim=16, n_layers=1, max_len=10), epochs=1000, max_minutes=0.02)
+    artifact = train(chain_log(100, 30), cfg, tmp_path, progress=False)
+    assert artifact.metadata["stopped"] == "max_minutes"
+    assert artifact.metadata["epochs_run"] < 1000
+    assert (tmp_path / "metadata.json").exists()
