@@ -8,8 +8,9 @@ Items the catalogue has never heard of count as available: a shop that never pub
 catalogue messages still gets recommendations. Only items known to be out of stock or
 removed are filtered out.
 
-`version` increases on every change that can alter availability or boosts, so readers can
-cache per-row arrays (see `Reranker`) and rebuild them only when it moves.
+`version` increases on every change, `attributes_version` only when some item's attributes
+change, so readers can cache per-row arrays (see `Reranker`) and rebuild them only when
+the relevant counter moves.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Catalogue:
         self._boosts: dict[str, float] = {}
         self._attribute_counts: Counter[str] = Counter()
         self.version = 0
+        self.attributes_version = 0
 
     @classmethod
     def from_item2attributes(cls, path: str | os.PathLike) -> Catalogue:
@@ -74,8 +76,11 @@ class Catalogue:
 
     def _set_attributes(self, item_id: str, attributes: Iterable) -> None:
         new = tuple(dict.fromkeys(str(a) for a in attributes))
-        old = self._attributes.get(item_id, ())
-        self._attribute_counts.subtract(old)
+        old = self._attributes.get(item_id)
+        if old == new:
+            return
+        self.attributes_version += 1
+        self._attribute_counts.subtract(old or ())
         self._attribute_counts.update(new)
         self._attributes[item_id] = new
 
@@ -111,6 +116,10 @@ class Catalogue:
     def attribute_share(self, attribute: str) -> float:
         """Share of attributed items carrying `attribute` (to tell brands from broad categories)."""
         return self._attribute_counts.get(attribute, 0) / max(1, len(self._attributes))
+
+    def __bool__(self) -> bool:
+        """Always true, even when empty, so `x or Catalogue()` never swaps out a live object."""
+        return True
 
     def __len__(self) -> int:
         return len(self._attributes)

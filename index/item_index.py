@@ -46,6 +46,8 @@ IVF_TRAIN_POINTS_PER_LIST = 64
 TARGET_RECALL = 0.99
 TUNE_K = 100
 TUNE_QUERIES = 256
+# Bisection stops when the interval is below this share of the width (3 extra searches).
+TUNE_RESOLUTION = 0.125
 # Tuning queries get Gaussian noise of this size relative to their norm (see tuning_queries).
 TUNE_QUERY_NOISE = 0.5
 # Inner product is not a metric, and graph (HNSW) and k-means (IVF) indexes lose recall on it
@@ -164,10 +166,11 @@ class ItemIndex:
         return index, IndexInfo("ivf", dim, nlist=nlist, nprobe=1, l2_radius=radius)
 
     def _tune_search_width(self, vectors: np.ndarray) -> None:
-        """Double nprobe (IVF) or efSearch (HNSW) until recall@TUNE_K reaches TARGET_RECALL.
+        """Smallest nprobe (IVF) or efSearch (HNSW) whose recall@TUNE_K reaches TARGET_RECALL.
 
-        Tuning queries are catalogue vectors plus noise (see `tuning_queries`); their exact
-        top-k comes from a flat index over the same vectors.
+        Doubles the width until the target is met, then bisects between the last failing and
+        the first passing width down to TUNE_RESOLUTION of it. Tuning queries are catalogue
+        vectors plus noise (see `tuning_queries`); their exact top-k comes from a flat index.
         """
         queries = tuning_queries(vectors, TUNE_QUERIES)
         k = min(TUNE_K, len(vectors))
@@ -175,17 +178,28 @@ class ItemIndex:
         exact.add(vectors)
         _, truth = exact.search(queries, k)
         if self.info.kind == "ivf":
-            width, widest, apply = 1, self.info.nlist, self.set_nprobe
+            low, widest, apply = 1, self.info.nlist, self.set_nprobe
         else:
-            width, widest, apply = max(16, k), max(HNSW_EF_SEARCH_MAX, k), self.set_ef_search
-        while True:
+            low, widest, apply = max(16, k), max(HNSW_EF_SEARCH_MAX, k), self.set_ef_search
+
+        def recall_with(width: int) -> float:
             apply(width)
-            _, found = self.search(queries, k)
-            recall = recall_at_k(found, truth)
-            if recall >= TARGET_RECALL or width >= widest:
-                break
-            width = min(widest, width * 2)
-        log.info("%s search width %d gives recall@%d=%.4f on tuning queries", self.info.kind, width, k, recall)
+            return recall_at_k(self.search(queries, k)[1], truth)
+
+        recalls = {low: recall_with(low)}
+        high = low
+        while recalls[high] < TARGET_RECALL and high < widest:
+            low, high = high, min(widest, high * 2)
+            recalls[high] = recall_with(high)
+        if recalls[high] >= TARGET_RECALL:
+            while high - low > max(1, int(high * TUNE_RESOLUTION)):
+                middle = (low + high) // 2
+                recalls[middle] = recall_with(middle)
+                low, high = (middle, high) if recalls[middle] < TARGET_RECALL else (low, middle)
+        if recalls[low] >= TARGET_RECALL:
+            high = low
+        apply(high)
+        log.info("%s search width %d gives recall@%d=%.4f on tuning queries", self.info.kind, high, k, recalls[high])
 
     def _to_gpu(self) -> None:
         if self.info.kind == "hnsw":

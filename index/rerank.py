@@ -92,6 +92,8 @@ class Reranker:
         self._vectors = np.empty((0, item_vectors.shape[1]), dtype=np.float32)
         self._unit = self._vectors
         self._cache_key: tuple[int, int] | None = None
+        self._attributes_key: tuple[int, int] | None = None
+        self._capped_attributes: np.ndarray | None = None
         self.add_items(items, item_vectors)
 
     # ------------------------------------------------------------------ items
@@ -143,10 +145,11 @@ class Reranker:
             row = self._row_of.get(item_id)
             if row is not None:
                 self._boost_rows[row] = boost
-        self._capped_attributes = None
-        if self.config.max_per_attribute is not None:
-            self._capped_attributes = self._capped_attribute_matrix()
         self._cache_key = key
+        attributes_key = (self.catalogue.attributes_version, len(self._items))
+        if self.config.max_per_attribute is not None and attributes_key != self._attributes_key:
+            self._capped_attributes = self._capped_attribute_matrix()
+            self._attributes_key = attributes_key
 
     def _capped_attribute_matrix(self) -> np.ndarray:
         """[N, A] attribute ids (-1 padded) of the attributes that count for the cap."""

@@ -108,6 +108,10 @@ class Trending:
         now = self.latest_ts if now is None else now
         return float(self._scores[slot] * np.exp2((self._t0 - now) / self.half_life_s))
 
+    def __bool__(self) -> bool:
+        """Always true, even when empty, so `x or Trending()` never swaps out a live object."""
+        return True
+
     def __len__(self) -> int:
         return len(self._items)
 

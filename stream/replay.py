@@ -51,6 +51,7 @@ from typing import Iterator
 
 import msgpack
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.partitioner import murmur2
 
 from stream.compat import ensure_topics, high_watermarks
 from stream.events import (EVENTS_TOPIC, RECOMMENDATIONS_TOPIC, InvalidMessage, ShopEvent,
@@ -72,11 +73,12 @@ SEQUENCE_SUFFIXES = {".txt"}
 REQUIRED_COLUMNS = ("user_id", "item_id", "type", "ts")
 
 SHOWN_REJECTS = 5          # first rejected lines shown in the summary and the log
-SEND_CHUNK = 2000          # delivery futures awaited together
+MAX_BATCHES_IN_FLIGHT = 16  # batches sent before waiting for their acknowledgements
 PROGRESS_EVERY = 500       # events between progress bar updates
 SLEEP_MIN_S = 0.002        # paced replays sleep only when this far ahead of schedule
 LINGER_MS = 5
-MAX_BATCH_BYTES = 512 * 1024
+METADATA_TIMEOUT_S = 10.0
+MAX_BATCH_BYTES = 256 * 1024
 EVAL_K = 10
 LIST_FETCH_WAIT_MS = 20    # lists are read as soon as they exist: a late list is a stale one
 TOPIC_WAIT_S = 0.5         # poll interval while the recommendations topic does not exist yet
@@ -354,19 +356,24 @@ class Evaluation:
 
 async def _follow_lists(bootstrap: str, topic: str, evaluation: Evaluation, ready: asyncio.Event) -> None:
     """Feed every list published from now on into ``evaluation`` until cancelled."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                fetch_max_wait_ms=LIST_FETCH_WAIT_MS)
-    await consumer.start()
+    start_at_end = True
+    while True:
+        # A starting client learns every topic from its bootstrap metadata, without asking for
+        # ``topic`` by name (which could auto-create it on Tansu).
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                    fetch_max_wait_ms=LIST_FETCH_WAIT_MS)
+        await consumer.start()
+        partitions = consumer.partitions_for_topic(topic)
+        if partitions:
+            break
+        await consumer.stop()
+        if start_at_end:
+            log.warning("topic %s does not exist yet; evaluating lists from when it appears", topic)
+        start_at_end = False  # created after we started: every list in it is new
+        ready.set()
+        await asyncio.sleep(TOPIC_WAIT_S)
     try:
-        start_at_end = True
-        while True:
-            # Asking for all topics never auto-creates one (asking for one by name may, on Tansu).
-            if topic in await consumer.topics():
-                break
-            start_at_end = False  # created after we started: every list in it is new
-            ready.set()
-            await asyncio.sleep(TOPIC_WAIT_S)
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
         if start_at_end:
             for tp, end in (await high_watermarks(bootstrap, tps)).items():
@@ -482,28 +489,26 @@ async def replay(path: str | Path, bootstrap: str, topic: str = EVENTS_TOPIC, *,
     await producer.start()
     bar = _progress_bar(len(events), Path(path).name, progress)
     loop = asyncio.get_running_loop()
-    pending: list[asyncio.Future] = []
     shown = 0
     t0 = loop.time()
     try:
+        batcher = await _Batcher.open(producer, topic)
         for i, event in enumerate(events):
             if due is not None:
                 ahead = t0 + due(i) - loop.time()
                 if ahead > SLEEP_MIN_S:
+                    await batcher.flush()  # what is due now leaves now
                     bar.update(i - shown)
                     shown = i
                     await asyncio.sleep(ahead)
             if evaluation is not None:
                 evaluation.score(event)
-            pending.append(await producer.send(topic, encode_event(event), key=event.user_id.encode()))
-            if len(pending) >= SEND_CHUNK:
-                await asyncio.gather(*pending)
-                pending.clear()
+            await batcher.add(event.user_id.encode(), encode_event(event))
             if i - shown >= PROGRESS_EVERY:
                 bar.update(i - shown)
                 shown = i
-        await producer.flush()
-        await asyncio.gather(*pending)
+        await batcher.flush()
+        await batcher.delivered()
         bar.update(len(events) - shown)
     finally:
         bar.close()
@@ -516,6 +521,68 @@ async def replay(path: str | Path, bootstrap: str, topic: str = EVENTS_TOPIC, *,
                          rate=len(events) / duration if duration > 0 else 0.0,
                          evaluation=evaluation, source=str(path), skipped_by_time=skipped,
                          examples=examples)
+
+
+class _Batcher:
+    """Records into per-partition batches (aiokafka's ``create_batch``/``send_batch``).
+
+    About five times fewer Python calls per event than ``producer.send``. Records go to the
+    partition Kafka's default partitioner picks for the key (murmur2, as the Java client), so
+    a user's events share one partition with any other producer's; batches of one partition
+    are queued in order, and the producer keeps one request in flight per partition.
+    """
+
+    def __init__(self, producer: AIOKafkaProducer, topic: str, partitions: list[int]):
+        self.producer = producer
+        self.topic = topic
+        self.partitions = partitions
+        self._partition_of: dict[bytes, int] = {}
+        self._open: dict[int, object] = {}
+        self._futures: list[asyncio.Future] = []
+
+    @classmethod
+    async def open(cls, producer: AIOKafkaProducer, topic: str) -> "_Batcher":
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + METADATA_TIMEOUT_S
+        # A topic created a moment ago can show up in metadata before its partitions do.
+        while not (partitions := await producer.partitions_for(topic)):
+            if loop.time() > deadline:
+                raise TimeoutError(f"topic {topic!r} has no partitions after {METADATA_TIMEOUT_S:.0f} s")
+            await asyncio.sleep(0.1)
+            await producer.client.force_metadata_update()
+        return cls(producer, topic, sorted(partitions))
+
+    def partition(self, key: bytes) -> int:
+        p = self._partition_of.get(key)
+        if p is None:
+            p = self._partition_of[key] = self.partitions[(murmur2(key) & 0x7FFFFFFF) % len(self.partitions)]
+        return p
+
+    async def add(self, key: bytes, value: bytes) -> None:
+        p = self.partition(key)
+        batch = self._open.get(p)
+        if batch is None:
+            batch = self._open[p] = self.producer.create_batch()
+        if batch.append(key=key, value=value, timestamp=None) is None:  # full: ship it, start another
+            await self._send(p)
+            batch = self._open[p] = self.producer.create_batch()
+            if batch.append(key=key, value=value, timestamp=None) is None:
+                raise ValueError(f"a record of {len(value)} bytes does not fit in a batch")
+
+    async def _send(self, p: int) -> None:
+        batch = self._open.pop(p)
+        self._futures.append(await self.producer.send_batch(batch, self.topic, partition=p))
+        if len(self._futures) >= MAX_BATCHES_IN_FLIGHT:
+            await self.delivered()
+
+    async def flush(self) -> None:
+        for p in list(self._open):
+            await self._send(p)
+
+    async def delivered(self) -> None:
+        """Wait until every batch sent so far is acknowledged (raises a delivery error)."""
+        futures, self._futures = self._futures, []
+        await asyncio.gather(*futures)
 
 
 def _progress_bar(total: int, name: str, enabled: bool):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,7 @@ from stream.state import UserState, coalesce_by_user
 log = logging.getLogger(__name__)
 
 STATE_TABLE = "user-state"
+STATS_LOG_INTERVAL_S = 10.0
 
 
 @dataclass
@@ -48,6 +50,7 @@ class WorkerSettings:
     data_dir: Path = Path(".streamrec")
     reload_interval_s: float = 5.0  # how often the model directory is checked for a new version
     metrics_port: int | None = None
+    torch_threads: int = max(1, (os.cpu_count() or 2) - 1)  # leave a core to the event loop
     rerank: RerankConfig = field(default_factory=RerankConfig)
 
     @property
@@ -116,7 +119,8 @@ def create_app(settings: WorkerSettings, recommender: Recommender, metrics=None)
                       key_type=bytes, value_type=bytes)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recommend")
     catalogue_updates: list = []   # applied between batches, never while a batch reads the catalogue
-    stats = {"events": 0, "dlq": 0, "published": 0, "batches": 0}
+    stats = {"events": 0, "dlq": 0, "published": 0, "batches": 0,
+             "seconds": dict.fromkeys(("state", "encode", "search", "rerank", "publish"), 0.0)}
     app.streamrec_stats = stats
 
     async def dead_letter(message, reason: str) -> None:
@@ -188,6 +192,11 @@ def create_app(settings: WorkerSettings, recommender: Recommender, metrics=None)
         stats["events"] += len(batch)
         stats["published"] += len(states)
         stats["batches"] += 1
+        seconds = stats["seconds"]
+        seconds["state"] += t1 - t0
+        seconds["publish"] += t3 - t2
+        for stage, spent in recommender.timings.items():
+            seconds[stage] += spent
         if metrics:
             metrics.observe_batch(len(batch))
             metrics.observe_stage("state", t1 - t0)
@@ -198,6 +207,12 @@ def create_app(settings: WorkerSettings, recommender: Recommender, metrics=None)
             if valid:
                 done = time.time()
                 metrics.observe_event_latency(done - np.fromiter((s.last_event_ts for s in states), float))
+
+    @app.timer(STATS_LOG_INTERVAL_S)
+    async def log_stats():
+        log.info("processed %d events in %d batches, %d lists, %d dead letters; stage seconds %s",
+                 stats["events"], stats["batches"], stats["published"], stats["dlq"],
+                 {k: round(v, 2) for k, v in stats["seconds"].items()})
 
     @app.timer(settings.reload_interval_s)
     async def poll_model():
@@ -226,6 +241,11 @@ def apply_catalogue_updates(recommender: Recommender, updates: list) -> None:
 
 def run_worker(settings: WorkerSettings, loglevel: str = "info") -> None:
     """Create topics, load the model, and run the Faust worker until SIGINT/SIGTERM."""
+    import faiss
+    import torch
+
+    torch.set_num_threads(settings.torch_threads)
+    faiss.omp_set_num_threads(settings.torch_threads)
     asyncio.run(compat.ensure_topics(settings.broker, settings.topics()))
     recommender = Recommender(settings.model, settings.rerank)
     metrics = None

@@ -24,3 +24,27 @@ def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.skip(f"reference data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_shop():
+    """A small synthetic shop log (contract events) and its training log."""
+    from streamrec.synthetic import ShopSpec, generate
+
+    events = generate(ShopSpec(users=300, items=120, categories=6, seed=7))
+    log: dict[str, list] = {}
+    for e in events:
+        log.setdefault(e["user_id"], []).append((e["item_id"], e["type"], e["ts"]))
+    return events, log
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tiny_shop) -> Path:
+    """A model directory (weights, vocab, FAISS index) trained for a few epochs on ``tiny_shop``."""
+    from model.train import TrainConfig, train
+    from streamrec.cli import write_model_dir
+
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    write_model_dir(out, lambda tmp: train(tiny_shop[1], TrainConfig(epochs=2, seed=0), out_dir=tmp,
+                                           progress=False))
+    return out

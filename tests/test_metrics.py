@@ -104,3 +104,23 @@ async def test_server_and_lag_collector(broker):
     lag_s = sample(m, "kafka_consumergroup_lag_seconds", group="mgroup", topic="metrics-events", partition="0")
     assert 100 < lag_s < 200
     assert "streamrec_consumergroup_status" in text
+
+
+def test_dashboard_and_scrape_config_match_the_exported_names():
+    import json
+    import re
+    from pathlib import Path
+
+    docker = Path(__file__).resolve().parents[1] / "docker"
+    dashboard = json.loads((docker / "grafana" / "dashboards" / "streamrec.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {name for e in exprs for name in re.findall(r"\b(?:kafka|streamrec)_[a-z_]+", e)}
+    m = WorkerMetrics()
+    m.set_lag(type("S", (), {"group": "g", "status": "OK", "partitions": []})())
+    m.count_dlq("bad")  # a labelled family shows its samples once a child exists
+    exported = {s.name for metric in m.registry.collect() for s in metric.samples} | {
+        metric.name for metric in m.registry.collect()}
+    assert used and used <= exported, used - exported
+    assert {"kafka_consumergroup_lag", "kafka_consumergroup_lag_seconds", "streamrec_dlq_messages_total",
+            "streamrec_event_to_list_latency_seconds_bucket", "streamrec_stage_latency_seconds_bucket"} <= used
+    assert "job_name: streamrec" in (docker / "prometheus.yml").read_text()

@@ -178,6 +178,23 @@ async def test_rate_replay_keeps_rate_and_per_user_order(broker, tmp_path):
 
 
 @pytest.mark.integration
+async def test_max_replay_keeps_per_user_order_and_default_partitioning(broker, tmp_path):
+    from aiokafka.partitioner import DefaultPartitioner
+
+    path = tmp_path / "log.jsonl"
+    write_stream(path, n_users=50, per_user=100)  # 5000 events
+    summary = await replay(path, broker.bootstrap, "max-events", max_speed=True, progress=False, partitions=3)
+    assert summary.sent == 5000
+    records = await read_topic(broker.bootstrap, "max-events")
+    by_user: dict[str, list[int]] = {}
+    for rec in sorted(records, key=lambda r: (r.partition, r.offset)):
+        assert rec.partition == DefaultPartitioner()(rec.key, [0, 1, 2], [0, 1, 2])
+        event = decode_event(rec.value)
+        by_user.setdefault(event.user_id, []).append(int(event.item_id))
+    assert len(by_user) == 50 and all(items == list(range(100)) for items in by_user.values())
+
+
+@pytest.mark.integration
 async def test_speed_replay_scales_inter_arrival_times(broker, tmp_path):
     path = tmp_path / "log.jsonl"
     write_stream(path, n_users=2, per_user=16, step=1.0)   # spans 15 s of log time
