@@ -30,6 +30,7 @@ from index.catalogue import Catalogue
 from index.cold_start import METHODS as EMBEDDER_METHODS
 from index.cold_start import AttributeEmbedder
 from index.item_index import ItemIndex
+from index import rerank as rerank_module
 from index.rerank import Reranker, RerankConfig, UserContext
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,29 @@ def cold_start_comparison(artifact, item_vectors: np.ndarray, attributes: dict) 
         print(f"| {method} | {known.sum()}/{len(test_rows)} | {cosine.mean():.3f} | {overlap:.3f} | {100 * rank_pct:.1f}% |")
 
 
+def pool_check(config, catalogue, item_vectors, items, contexts, cand_rows, cand_scores) -> None:
+    """Share of list entries that change when MMR may pick from all candidates, not the pool."""
+    def lists():
+        reranker = Reranker(config, catalogue, item_vectors, items)
+        out = []
+        for s in range(0, len(contexts), ENCODE_BATCH):
+            out += reranker.rerank(contexts[s : s + ENCODE_BATCH], cand_rows[s : s + ENCODE_BATCH], cand_scores[s : s + ENCODE_BATCH])
+        return out
+
+    pooled = lists()
+    saved = rerank_module.MMR_POOL_MIN
+    rerank_module.MMR_POOL_MIN = cand_rows.shape[1]
+    try:
+        full = lists()
+    finally:
+        rerank_module.MMR_POOL_MIN = saved
+    same = sum(len({e["item_id"] for e in a} & {e["item_id"] for e in b}) for a, b in zip(pooled, full))
+    total = sum(len(b) for b in full)
+    pool = max(saved, rerank_module.MMR_POOL_PER_SLOT * config.k)
+    print(f"\npool check: lists from a pool of {pool} share {100 * same / max(total, 1):.2f}% of entries "
+          f"with lists from all {cand_rows.shape[1]} candidates")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="directory written by model.train")
@@ -149,6 +173,8 @@ def main() -> None:
     parser.add_argument("--split", choices=("valid", "test"), default="test")
     parser.add_argument("--sweep", action="store_true", help="try several diversity strengths and caps")
     parser.add_argument("--cold-start", action="store_true", help="compare AttributeEmbedder methods")
+    parser.add_argument("--pool-check", action="store_true",
+                        help="how often MMR on the whole candidate list picks differently than on its pool")
     parser.add_argument("--users", type=int, default=0, help="evaluate only the first N users (0 = all)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -193,6 +219,8 @@ def main() -> None:
         best = max(allowed, key=lambda r: r["ILD-attr@10"], default=None)
         if best:
             print(f"\nmost diverse (attributes) within {100 * MAX_NDCG_LOSS:.0f}% NDCG@10: {best['config']}")
+    if args.pool_check:
+        pool_check(default, catalogue, item_vectors, items, contexts, cand_rows, cand_scores)
     if args.cold_start:
         cold_start_comparison(artifact, item_vectors, load_attributes(attributes_path(args.data)))
 

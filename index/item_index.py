@@ -5,13 +5,16 @@ product with it are the candidates that the reranker then filters and reorders.
 
 `ItemIndex.build(vectors)` picks the index kind from the catalogue size:
 
-- below `EXACT_MAX_ITEMS` items an exact `IndexFlatIP` (a batch of 1000 queries against
-  20k items is a single small matrix product; an approximate index would only lose recall);
-- above it an IVF index (`IndexIVFFlat`, inner-product metric) with `nlist` from the
-  square-root rule and `nprobe` tuned at build time on a sample of the catalogue until
-  recall@100 against exact search reaches `TARGET_RECALL` (see `benchmarks/retrieval.py`
-  for the measurements behind the choice of IVF over HNSW; kind="hnsw" stays available
-  and has its efSearch tuned the same way).
+- up to `EXACT_MAX_ITEMS` items an exact `IndexFlatIP` (a batch of 1000 queries against
+  20k items is one small matrix product; an approximate index would only lose recall);
+- above it an IVF index (`IndexIVFFlat`) over the vectors reduced from inner product to L2
+  (`augment_items`), `nlist` from the square-root rule, and `nprobe` tuned at build time
+  until recall@100 against exact search reaches `TARGET_RECALL` on user-like queries.
+
+Why IVF on the L2 reduction (benchmarks/retrieval.py, 1M clustered items, dim 64): IVF
+searching inner product directly needs nprobe ~1/4 of the lists for the same recall (barely
+faster than exact), and HNSW, native or reduced, plateaus below the recall target at these
+sizes; kind="hnsw" stays available with its efSearch tuned the same way.
 
 GPU FAISS is used when the installed faiss has GPU support and a device is present;
 the CPU path is the tested one.
@@ -267,8 +270,10 @@ class ItemIndex:
         sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
         if sidecar.exists():
             info = IndexInfo(**json.loads(sidecar.read_text()))
+        elif isinstance(index, faiss.IndexFlat) and index.metric_type == faiss.METRIC_INNER_PRODUCT:
+            info = IndexInfo("flat", index.d)  # a plain FAISS file: nothing else to restore
         else:
-            info = IndexInfo("flat", index.d)
+            raise FileNotFoundError(f"{sidecar} is missing; it holds the settings this {type(index).__name__} needs")
         if info.kind == "ivf":
             faiss.extract_index_ivf(index).nprobe = info.nprobe
         elif info.kind == "hnsw":

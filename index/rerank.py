@@ -39,6 +39,11 @@ DEFAULT_LIST_LENGTH = 20
 # tuned on Beauty in benchmarks/rerank.py so NDCG@10 stays within 3% of plain top-k.
 DEFAULT_DIVERSITY = 0.3
 DEFAULT_BOOST_WEIGHT = 1.0
+# MMR considers the best max(MMR_POOL_MIN, MMR_POOL_PER_SLOT * k) candidates by relevance:
+# the cost of each greedy step grows with the pool, and with the default strength a pick
+# from further down is rare (benchmarks/rerank.py --pool-check).
+MMR_POOL_PER_SLOT = 5
+MMR_POOL_MIN = 50
 # Only this many most recent history items are compared for "because" (cost is B*k*H*D).
 BECAUSE_HISTORY_MAX = 50
 # Attributes carried by more than this share of the catalogue are categories, not caps.
@@ -187,7 +192,15 @@ class Reranker:
         keep = self._keep_mask(contexts, history_rows, cand_rows)
         safe_rows = np.where(keep, cand_rows, 0)
         relevance = self._relevance(cand_scores, safe_rows, keep)
-        chosen = self._select(relevance, safe_rows, keep)  # [B, k] column indices, -1 = none
+        mean, spread = _mean_and_spread(relevance, keep)
+        # Only the best `pool` candidates can realistically make the list: MMR runs on those.
+        pool = min(relevance.shape[1], max(MMR_POOL_MIN, MMR_POOL_PER_SLOT * self.config.k))
+        best = np.argsort(-relevance, axis=1, kind="stable")[:, :pool]
+        relevance = np.take_along_axis(relevance, best, 1)
+        safe_rows = np.take_along_axis(safe_rows, best, 1)
+        keep = np.take_along_axis(keep, best, 1)
+        z = np.where(keep, (relevance - mean) / spread, -np.inf).astype(np.float32)
+        chosen = self._select(z, safe_rows, keep)  # [B, k] pool columns, -1 = none
         picked = chosen >= 0
         chosen_rows = np.where(picked, np.take_along_axis(safe_rows, np.maximum(chosen, 0), 1), -1)
         chosen_rel = np.take_along_axis(relevance, np.maximum(chosen, 0), 1)
@@ -235,18 +248,16 @@ class Reranker:
             relevance = relevance + self.config.boost_weight * boosts * spread
         return np.where(keep, relevance, -np.inf).astype(np.float32)
 
-    def _select(self, relevance: np.ndarray, safe_rows: np.ndarray, keep: np.ndarray) -> np.ndarray:
-        """Greedy MMR (with optional attribute caps), vectorised over users: [B, k] columns."""
-        batch, width = relevance.shape
+    def _select(self, z: np.ndarray, safe_rows: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        """Greedy MMR on standardised relevance `z` (and attribute caps): [B, k] columns."""
+        batch, width = z.shape
         k = min(self.config.k, width)
         diversity = self.config.diversity
         caps = self._capped_attributes if self.config.max_per_attribute is not None else None
-        if diversity <= 0 and caps is None:
-            top = np.argsort(-relevance, axis=1, kind="stable")[:, :k]
-            return np.where(np.take_along_axis(keep, top, 1), top, NOT_CHOSEN)
-        mean, spread = _mean_and_spread(relevance, keep)
-        z = np.where(keep, (relevance - mean) / spread, -np.inf)
-        unit = self._unit[safe_rows]  # [B, C, D]
+        if diversity <= 0 and caps is None:  # columns are already in relevance order
+            top = np.broadcast_to(np.arange(k), (batch, k))
+            return np.where(keep[:, :k], top, NOT_CHOSEN)
+        unit = self._unit[safe_rows] if diversity > 0 else None  # [B, C, D]
         max_sim = np.zeros((batch, width), dtype=np.float32)
         open_ = keep.copy()
         chosen = np.full((batch, k), NOT_CHOSEN, dtype=np.int64)
@@ -266,12 +277,12 @@ class Reranker:
                 sim = np.einsum("bcd,bd->bc", unit, unit[users, pick])
                 np.maximum(max_sim, sim, out=max_sim)
             if caps is not None:
+                # Only the attributes of this pick can have just reached the cap.
                 attrs = cand_attrs[users, pick]  # [B, A]; -1 pads count into the last slot
-                np.add.at(counts, (users[:, None], attrs), has[:, None].astype(np.int32))
+                counts[users[:, None], attrs] += has[:, None]  # an item's attributes are distinct
                 counts[:, -1] = 0
-                full = np.take_along_axis(counts, cand_attrs.reshape(batch, -1), 1)
-                full = full.reshape(cand_attrs.shape) >= self.config.max_per_attribute
-                open_ &= ~full.any(axis=2)
+                full = np.where(counts[users[:, None], attrs] >= self.config.max_per_attribute, attrs, -2)
+                open_ &= ~(cand_attrs[:, :, :, None] == full[:, None, None, :]).any(axis=(2, 3))
         return chosen
 
     def _because(self, history_rows: list[np.ndarray], chosen_rows: np.ndarray) -> np.ndarray:

@@ -47,12 +47,12 @@ class ModelArtifact:
         self.encoder = encoder.to(self.device)
         self.config: EncoderConfig = encoder.cfg
         self.items = list(items)
-        self.item_index = {item: i + 1 for i, item in enumerate(self.items)}  # row 0 = padding
+        self.item_index = {item: i for i, item in enumerate(self.items)}  # row in item_embeddings()
+        self.token_index = {item: i + 1 for i, item in enumerate(self.items)}  # encoder id; 0 = padding
         assert len(self.items) == self.config.n_items
         self.metadata = dict(metadata or {})
         self.metadata.setdefault("version", new_version(self.items))
 
-    # The public index of an item is its row in item_embeddings(); the encoder's is that + 1.
     @property
     def version(self) -> str:
         return self.metadata["version"]
@@ -75,7 +75,7 @@ class ModelArtifact:
         """
         if not histories:
             return np.zeros((0, self.dim), dtype=np.float32)
-        rows = [featurize(h, self.item_index, self.config.max_len) for h in histories]
+        rows = [featurize(h, self.token_index, self.config.max_len) for h in histories]
         width = max(1, max(len(r[0]) for r in rows))
         items = torch.from_numpy(left_pad([r[0] for r in rows], width)).to(self.device)
         types = torch.from_numpy(left_pad([r[1] for r in rows], width)).to(self.device)

@@ -165,15 +165,17 @@ def gap_bucket(gap: float) -> int:
     return min(N_GAP_BUCKETS - 1, 2 + int(math.log2(gap)))
 
 
-def featurize(history: list[Interaction], item_index: dict[str, int], max_len: int):
-    """Item, type and gap ids of the last `max_len` known events (unknown items skipped)."""
+def featurize(history: list[Interaction], token_index: dict[str, int], max_len: int):
+    """Item, type and gap ids of the last `max_len` known events (unknown items skipped).
+
+    `token_index` maps item id -> encoder id (1..n_items; 0 is padding)."""
     items, types, gaps = [], [], []
     prev_ts = None
     for item, etype, ts in history:
         gap = 0 if ts is None or prev_ts is None else gap_bucket(max(0.0, ts - prev_ts))
         if ts is not None:
             prev_ts = ts
-        idx = item_index.get(item)
+        idx = token_index.get(item)
         if idx is None:
             continue
         items.append(idx)

@@ -8,11 +8,9 @@ model's vocabulary does not know counts as a miss.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from model.data import Log, featurize, leave_one_out, left_pad
@@ -34,20 +32,21 @@ class EvalSet:
         return int(self.targets.shape[0])
 
 
-def build_eval_set(log: Log, item_index: dict[str, int], max_len: int, split: str) -> EvalSet:
+def build_eval_set(log: Log, token_index: dict[str, int], max_len: int, split: str) -> EvalSet:
+    """`token_index`: item id -> encoder id (1..n_items), as ModelArtifact.token_index."""
     rows = leave_one_out(log, split)
-    feats = [featurize(hist, item_index, max_len) for _, hist, _ in rows]
+    feats = [featurize(hist, token_index, max_len) for _, hist, _ in rows]
     width = max(1, max((len(f[0]) for f in feats), default=1))
     seen_rows, seen_cols = [], []
     for r, (_, hist, _) in enumerate(rows):
-        seen = {item_index[i] for i, _, _ in hist if i in item_index}
+        seen = {token_index[i] for i, _, _ in hist if i in token_index}
         seen_rows.extend([r] * len(seen))
         seen_cols.extend(seen)
     return EvalSet(
         items=torch.from_numpy(left_pad([f[0] for f in feats], width)),
         types=torch.from_numpy(left_pad([f[1] for f in feats], width)),
         gaps=torch.from_numpy(left_pad([f[2] for f in feats], width)),
-        targets=torch.tensor([item_index.get(t[0], 0) for _, _, t in rows], dtype=torch.long),
+        targets=torch.tensor([token_index.get(t[0], 0) for _, _, t in rows], dtype=torch.long),
         seen_rows=torch.tensor(seen_rows, dtype=torch.long),
         seen_cols=torch.tensor(seen_cols, dtype=torch.long),
     )
@@ -91,7 +90,7 @@ def metrics_from_ranks(ranks: torch.Tensor, ks=(10, 20)) -> dict:
 def evaluate(artifact, log: Log, split: str = "test", ks=(10, 20), batch_size: int = 1024,
              eval_set: EvalSet | None = None) -> dict:
     """HR@k and NDCG@k of `artifact` on `log` (full ranking, leave-one-out `split`)."""
-    es = eval_set or build_eval_set(log, artifact.item_index, artifact.config.max_len, split)
+    es = eval_set or build_eval_set(log, artifact.token_index, artifact.config.max_len, split)
     dev = artifact.device
     users = artifact.encode_tensors(es.items.to(dev), es.types.to(dev), es.gaps.to(dev))
     with torch.inference_mode():
@@ -112,6 +111,3 @@ def evaluate_popularity(log: Log, split: str = "test", ks=(10, 20)) -> dict:
     ranks = target_ranks(torch.ones(es.users, 1, dtype=torch.float64), pop[:, None], es)
     return metrics_from_ranks(ranks, ks)
 
-
-def ndcg_at(rank: int, k: int = 10) -> float:
-    return 1.0 / math.log2(rank + 2) if rank < k else 0.0

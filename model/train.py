@@ -65,11 +65,11 @@ def build_vocab(log: Log) -> list[str]:
     return sorted(items, key=lambda s: (0, int(s), "") if s.isascii() and s.isdigit() else (1, 0, s))
 
 
-def training_tensors(log: Log, item_index: dict[str, int], max_len: int):
+def training_tensors(log: Log, token_index: dict[str, int], max_len: int):
     """Left-padded (inputs, types, gaps, next-item targets) of every training sequence."""
     xs, ts, gs, ys = [], [], [], []
     for _, hist, _ in leave_one_out(log, "train"):
-        items, types, gaps = featurize(hist, item_index, max_len + 1)
+        items, types, gaps = featurize(hist, token_index, max_len + 1)
         xs.append(items[:-1]); ts.append(types[:-1]); gs.append(gaps[:-1]); ys.append(items[1:])
     lengths = np.array([len(x) for x in xs])
     return [torch.from_numpy(left_pad(a, max_len)) for a in (xs, ts, gs, ys)] + [lengths]
@@ -130,10 +130,10 @@ def train(log: Log | str | Path, cfg: TrainConfig | None = None, out_dir: str | 
     if ecfg.n_attributes:
         encoder.item_attrs.copy_(attr_table)
     artifact = ModelArtifact(encoder, items, device=device)
-    X, T, G, Y, lengths = training_tensors(log, artifact.item_index, ecfg.max_len)
+    X, T, G, Y, lengths = training_tensors(log, artifact.token_index, ecfg.max_len)
     if len(lengths) == 0:
         raise ValueError("no user has the 4+ events that leave-one-out training needs")
-    valid = build_eval_set(log, artifact.item_index, ecfg.max_len, "valid")
+    valid = build_eval_set(log, artifact.token_index, ecfg.max_len, "valid")
     n_params = sum(p.numel() for p in encoder.parameters())
     logger.info("training on %d sequences, %d items, %d attributes, %d parameters, device %s",
              len(lengths), len(items), ecfg.n_attributes, n_params, device)

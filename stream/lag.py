@@ -98,6 +98,7 @@ async def lag_snapshot(bootstrap: str, group: str = DEFAULT_GROUP,
         existing = await consumer.topics()  # all topics: never auto-creates one
         parts = {t: [TopicPartition(t, p) for p in sorted(consumer.partitions_for_topic(t) or ())]
                  for t in existing}
+        committed: dict[TopicPartition, int | None] = {}
         if topics is None:
             candidates = [tp for t in sorted(existing) if not t.startswith("__") for tp in parts[t]]
             committed = await committed_offsets(bootstrap, group, candidates) if candidates else {}
@@ -105,7 +106,8 @@ async def lag_snapshot(bootstrap: str, group: str = DEFAULT_GROUP,
         tps = [tp for t in topics if t in existing for tp in parts[t]]
         if not tps:
             return LagSnapshot(group, [], members=await group_members(bootstrap, group))
-        committed = await committed_offsets(bootstrap, group, tps)
+        if not all(tp in committed for tp in tps):
+            committed = await committed_offsets(bootstrap, group, tps)
         ends = await high_watermarks(bootstrap, tps)
         starts = await consumer.beginning_offsets(tps)
         rows = []

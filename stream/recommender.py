@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from index.catalogue import Catalogue
+from index.cold_start import AttributeEmbedder
 from index.item_index import ItemIndex
 from index.rerank import Reranker, RerankConfig, UserContext
 from index.trending import Trending
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "items.faiss"
 CANDIDATES_PER_K = 10       # FAISS candidates fetched per list slot, before filters and diversity
 MIN_CANDIDATES = 100
+REFIT_GROWTH = 1.2          # refit the attribute embedder when the catalogue grew by 20%
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -50,12 +52,19 @@ def read_version(model_dir: Path) -> str:
 
 @dataclass
 class ServingModel:
-    """A loaded model version: encoder, its item index and a reranker over its items."""
+    """A loaded model version: encoder, its item index and a reranker over its items.
+
+    Items the model never saw (new in the catalogue) are appended to both the index and the
+    reranker, in the same order, with attribute-based vectors.
+    """
 
     artifact: ModelArtifact
     index: ItemIndex
     reranker: Reranker
     path: Path
+    added: set[str] = field(default_factory=set)
+    embedder: AttributeEmbedder | None = None
+    embedder_fitted_on: int = -1   # catalogue size the embedder was fitted on
 
     @property
     def version(self) -> str:
@@ -73,6 +82,26 @@ class ServingModel:
         log.info("loaded model %s from %s (%d items) in %.2fs", artifact.version, model_dir,
                  len(artifact.items), time.perf_counter() - started)
         return cls(artifact, index, reranker, model_dir)
+
+    def add_unseen_items(self, catalogue: Catalogue) -> int:
+        """Make catalogue items with attributes but no trained vector recommendable."""
+        known = self.artifact.item_index
+        attributes = catalogue.item_attributes
+        new = [i for i, attrs in attributes.items() if attrs and i not in known and i not in self.added]
+        if not new:
+            return 0
+        if self.embedder is None or len(attributes) > REFIT_GROWTH * max(self.embedder_fitted_on, 1):
+            self.embedder = AttributeEmbedder.fit(self.artifact.item_embeddings(), self.artifact.items,
+                                                  attributes)
+            self.embedder_fitted_on = len(attributes)
+        vectors, ok = self.embedder.embed_many([attributes[i] for i in new])
+        items = [i for i, keep in zip(new, ok) if keep]
+        if items:
+            self.index.add(vectors[ok])
+            self.reranker.add_items(items, vectors[ok])
+            self.added.update(items)
+            log.info("model %s: %d new catalogue items made recommendable from attributes", self.version, len(items))
+        return len(items)
 
 
 class Recommender:
@@ -110,10 +139,15 @@ class Recommender:
             return False
         return True
 
+    def sync_catalogue(self) -> int:
+        """Call on the event loop between batches, after catalogue updates."""
+        return self.model.add_unseen_items(self.catalogue)
+
     def swap_if_pending(self) -> str | None:
         pending, self._pending = self._pending, None
         if pending is None:
             return None
+        pending.add_unseen_items(self.catalogue)
         old, self.model = self.model.version, pending
         log.info("hot-swapped model %s -> %s", old, pending.version)
         return pending.version

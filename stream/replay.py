@@ -47,7 +47,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import msgpack
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -55,7 +55,7 @@ from aiokafka.partitioner import murmur2
 
 from stream.compat import ensure_topics, high_watermarks
 from stream.events import (EVENTS_TOPIC, RECOMMENDATIONS_TOPIC, InvalidMessage, ShopEvent,
-                           decode_recommendations, encode_event, event_from_dict)
+                           decode_recommendations, encode_event)
 from model.data import EVENT_TYPES
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ def to_record(raw, source: str, position: str) -> ReplayRecord | Rejected:
     etype = raw.get("type")
     if etype is None or etype == "":
         return Rejected(where, "missing type")
-    if etype not in _EVENT_TYPES:
+    if not isinstance(etype, str) or etype not in _EVENT_TYPES:
         return Rejected(where, "unknown type", _short(etype))
     if raw.get("ts") is None or raw.get("ts") == "":
         return Rejected(where, "missing ts")
@@ -198,12 +198,8 @@ def to_record(raw, source: str, position: str) -> ReplayRecord | Rejected:
         event_id = stable_event_id(source, position, user, item, ts)
     elif isinstance(event_id, bool) or not isinstance(event_id, (str, int)):
         return Rejected(where, "bad event_id", _short(event_id))
-    try:
-        event = event_from_dict({"event_id": str(event_id), "user_id": user, "item_id": item,
-                                 "type": etype, "ts": ts})
-    except InvalidMessage as exc:  # the contract has the last word
-        return Rejected(where, exc.reason)
-    return ReplayRecord(event, where)
+    # Every check of the contract (stream/events.py: event_from_dict) has been made above.
+    return ReplayRecord(ShopEvent(str(event_id), user, item, etype, ts), where)
 
 
 def _read_jsonl(path: Path):
@@ -245,8 +241,8 @@ def _read_parquet(path: Path):
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise LogFormatError("reading Parquet needs pyarrow: pip install pyarrow "
-                             "(or the project's 'parquet' extra)") from None
+        raise LogFormatError("reading Parquet needs pyarrow: pip install 'streamrec[replay]' "
+                             "(or pip install pyarrow)") from None
     pf = pq.ParquetFile(path)
     columns = [c for c in ("event_id", *REQUIRED_COLUMNS) if c in pf.schema_arrow.names]
     row = 0
@@ -290,10 +286,12 @@ def _read_sequences(path: Path):
                 yield Rejected(f"{path.name}:{lineno}", "no items", _short(line))
                 continue
             user, jitter = parts[0], _user_jitter(parts[0])
-            for k, item in enumerate(parts[1:]):
+            for k, item in enumerate(parts[1:]):  # split() parts are non-empty strings: valid ids
                 ts = SEQUENCE_EPOCH + k * SEQUENCE_STEP_S + jitter
-                yield to_record({"user_id": user, "item_id": item, "type": SEQUENCE_EVENT_TYPE,
-                                 "ts": ts}, path.name, f"{lineno}#{k}")
+                position = f"{lineno}#{k}"
+                event_id = stable_event_id(path.name, position, user, item, ts)
+                yield ReplayRecord(ShopEvent(event_id, user, item, SEQUENCE_EVENT_TYPE, ts),
+                                   f"{path.name}:{position}")
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -347,6 +345,11 @@ class Evaluation:
         self.hits += 1
         self.ndcg_sum += 1.0 / math.log2(rank + 2)
 
+    def as_dict(self) -> dict:
+        return {"k": self.k, f"hr@{self.k}": round(self.hr, 6), f"ndcg@{self.k}": round(self.ndcg, 6),
+                "events": self.events, "with_list": self.with_list, "coverage": round(self.coverage, 6),
+                "hits": self.hits, "lists_received": self.lists_received, "bad_lists": self.bad_lists}
+
     def __str__(self) -> str:
         return (f"HR@{self.k} {self.hr:.4f}  NDCG@{self.k} {self.ndcg:.4f}  over {self.with_list:,} "
                 f"of {self.events:,} events whose user had a list ({self.coverage:.1%}); "
@@ -356,23 +359,27 @@ class Evaluation:
 
 async def _follow_lists(bootstrap: str, topic: str, evaluation: Evaluation, ready: asyncio.Event) -> None:
     """Feed every list published from now on into ``evaluation`` until cancelled."""
+    def new_consumer():
+        return AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                fetch_max_wait_ms=LIST_FETCH_WAIT_MS)
+
     start_at_end = True
-    while True:
-        # A starting client learns every topic from its bootstrap metadata, without asking for
-        # ``topic`` by name (which could auto-create it on Tansu).
-        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                    fetch_max_wait_ms=LIST_FETCH_WAIT_MS)
-        await consumer.start()
-        partitions = consumer.partitions_for_topic(topic)
-        if partitions:
-            break
-        await consumer.stop()
-        if start_at_end:
-            log.warning("topic %s does not exist yet; evaluating lists from when it appears", topic)
-        start_at_end = False  # created after we started: every list in it is new
-        ready.set()
-        await asyncio.sleep(TOPIC_WAIT_S)
+    consumer = new_consumer()
+    await consumer.start()
     try:
+        # A client learns every topic from its bootstrap metadata; asking for ``topic`` by
+        # name instead could auto-create it on Tansu.
+        while not (partitions := consumer.partitions_for_topic(topic)):
+            if topic in await consumer.topics():  # created after this client started: a new one sees it
+                await consumer.stop()
+                consumer = new_consumer()
+                await consumer.start()
+                continue
+            if start_at_end:
+                log.warning("topic %s does not exist yet; evaluating lists from when it appears", topic)
+            start_at_end = False  # created after we started: every list in it is new
+            ready.set()
+            await asyncio.sleep(TOPIC_WAIT_S)
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
         if start_at_end:
@@ -404,6 +411,14 @@ class ReplaySummary:
     skipped_by_time: int = 0
     examples: list[Rejected] = field(default_factory=list)
 
+    def as_dict(self) -> dict:
+        out = {"source": self.source, "sent": self.sent, "rejected": dict(self.rejected),
+               "duration_s": round(self.duration_s, 3), "rate": round(self.rate, 1),
+               "skipped_by_time": self.skipped_by_time}
+        if self.evaluation is not None:
+            out["evaluation"] = self.evaluation.as_dict()
+        return out
+
     def __str__(self) -> str:
         lines = [f"replayed {self.sent:,} events from {self.source} in {self.duration_s:.2f} s "
                  f"({self.rate:,.0f} events/s)"]
@@ -420,9 +435,16 @@ class ReplaySummary:
         return "\n".join(lines)
 
 
+class LoadedLog(NamedTuple):
+    events: list[ShopEvent]       # in ts order (stable: ties keep file order)
+    rejected: Counter             # reason -> count
+    examples: list[Rejected]      # the first few rejections
+    skipped_by_time: int          # valid events outside [from_ts, to_ts)
+
+
 def load_events(path: str | Path, from_ts: float | None = None, to_ts: float | None = None,
-                format: str | None = None):
-    """(events in ts order, rejected counts, first rejections, events outside the range)."""
+                format: str | None = None) -> LoadedLog:
+    """A whole log, validated, filtered to ``from_ts <= ts < to_ts`` and sorted by ts."""
     events: list[ShopEvent] = []
     rejected: Counter = Counter()
     examples: list[Rejected] = []
@@ -440,7 +462,7 @@ def load_events(path: str | Path, from_ts: float | None = None, to_ts: float | N
             continue
         events.append(rec.event)
     events.sort(key=lambda e: e.ts)  # stable: equal timestamps keep file order
-    return events, rejected, examples, skipped
+    return LoadedLog(events, rejected, examples, skipped)
 
 
 def _schedule(events: list[ShopEvent], speed: float | None, rate: float | None):
@@ -468,7 +490,9 @@ async def replay(path: str | Path, bootstrap: str, topic: str = EVENTS_TOPIC, *,
         raise ValueError("choose one pace: speed, rate or max_speed")
     if (speed is not None and speed <= 0) or (rate is not None and rate <= 0):
         raise ValueError("speed and rate must be positive")
-    events, rejected, examples, skipped = load_events(path, from_ts, to_ts, format)
+    t_read = time.perf_counter()
+    events, rejected, examples, skipped = await asyncio.to_thread(load_events, path, from_ts, to_ts, format)
+    log.info("read %d events from %s in %.1f s", len(events), path, time.perf_counter() - t_read)
     due = _schedule(events, speed, rate)
     if partitions:
         await ensure_topics(bootstrap, {topic: partitions})
@@ -514,6 +538,9 @@ async def replay(path: str | Path, bootstrap: str, topic: str = EVENTS_TOPIC, *,
         bar.close()
         await producer.stop()
         if follower is not None:
+            if follower.done() and not follower.cancelled() and follower.exception() is not None:
+                log.warning("following %s failed, the evaluation is partial: %r",
+                            recommendations_topic, follower.exception())
             follower.cancel()
             await asyncio.gather(follower, return_exceptions=True)
     duration = loop.time() - t0

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import faust
+from aiokafka import AIOKafkaConsumer, TopicPartition
 import numpy as np
 from faust.streams import _current_event
 
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 
 STATE_TABLE = "user-state"
 STATS_LOG_INTERVAL_S = 10.0
+BATCH_ATTEMPTS = 3
+BATCH_RETRY_BACKOFF_S = 1.0
+EXIT_BATCH_FAILED = 70
 
 
 @dataclass
@@ -50,6 +54,7 @@ class WorkerSettings:
     data_dir: Path = Path(".streamrec")
     reload_interval_s: float = 5.0  # how often the model directory is checked for a new version
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"  # 0.0.0.0 only inside a container, for Prometheus to scrape
     torch_threads: int = max(1, (os.cpu_count() or 2) - 1)  # leave a core to the event loop
     rerank: RerankConfig = field(default_factory=RerankConfig)
 
@@ -114,7 +119,6 @@ def create_app(settings: WorkerSettings, recommender: Recommender, metrics=None)
     )
     events = app.topic(EVENTS_TOPIC, partitions=settings.partitions, key_serializer="raw",
                        value_serializer="raw")
-    items = app.topic(ITEMS_TOPIC, partitions=1, key_serializer="raw", value_serializer="raw")
     table = app.Table(STATE_TABLE, default=None, partitions=settings.partitions,
                       key_type=bytes, value_type=bytes)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recommend")
@@ -131,14 +135,26 @@ def create_app(settings: WorkerSettings, recommender: Recommender, metrics=None)
             message.value, reason, message.topic, message.partition, message.offset, message.key),
             None, None, None)
 
-    @app.agent(items, name="catalogue")
-    async def catalogue_agent(stream):
-        """Stock, attributes and boosts from the compacted ``shop-items`` topic."""
-        async for event in stream.events():
-            try:
-                catalogue_updates.append(decode_item(event.message.key, event.message.value))
-            except InvalidMessage as exc:
-                await dead_letter(event.message, exc.reason)
+    @app.task
+    async def follow_catalogue():
+        """Stock, attributes and boosts from the compacted ``shop-items`` topic.
+
+        Every worker needs the whole catalogue, so it is read outside the consumer group
+        (all partitions, from the beginning) like a global table.
+        """
+        consumer = AIOKafkaConsumer(bootstrap_servers=settings.broker, group_id=None,
+                                    enable_auto_commit=False, auto_offset_reset="earliest")
+        await consumer.start()
+        try:
+            partitions = consumer.partitions_for_topic(ITEMS_TOPIC) or {0}
+            consumer.assign([TopicPartition(ITEMS_TOPIC, p) for p in sorted(partitions)])
+            async for record in consumer:
+                try:
+                    catalogue_updates.append(decode_item(record.key, record.value))
+                except InvalidMessage as exc:
+                    await dead_letter(record, exc.reason)
+        finally:
+            await consumer.stop()
 
     @app.agent(events, name="recommend")
     async def recommend_agent(stream):
@@ -147,7 +163,24 @@ def create_app(settings: WorkerSettings, recommender: Recommender, metrics=None)
         async for batch in stream.take_events(settings.max_batch, within=settings.batch_wait_s):
             apply_catalogue_updates(recommender, catalogue_updates)
             recommender.swap_if_pending()
-            await process_batch(batch, loop)
+            await process_batch_or_exit(batch, loop)
+
+    async def process_batch_or_exit(batch, loop) -> None:
+        """Retry a failing batch (state updates are idempotent); if it keeps failing, exit hard.
+
+        Faust acks a taken batch even when the body raises, so swallowing the error would let
+        its offsets be committed without lists: exiting before the next commit keeps
+        at-least-once, and the restarted worker processes the batch again.
+        """
+        for attempt in range(1, BATCH_ATTEMPTS + 1):
+            try:
+                return await process_batch(batch, loop)
+            except Exception:
+                log.exception("batch of %d events failed (attempt %d/%d)", len(batch), attempt, BATCH_ATTEMPTS)
+                await asyncio.sleep(BATCH_RETRY_BACKOFF_S * attempt)
+        log.critical("giving up on a batch; exiting without committing its offsets")
+        logging.shutdown()
+        os._exit(EXIT_BATCH_FAILED)
 
     async def process_batch(batch, loop) -> None:
         t0 = time.perf_counter()
@@ -222,7 +255,7 @@ def create_app(settings: WorkerSettings, recommender: Recommender, metrics=None)
     if metrics is not None:
         @app.task
         async def start_metrics():
-            await metrics.start(settings.metrics_port, settings.broker)
+            await metrics.start(settings.metrics_port, settings.broker, host=settings.metrics_host)
 
     return app
 
@@ -237,6 +270,7 @@ def apply_catalogue_updates(recommender: Recommender, updates: list) -> None:
         else:
             recommender.catalogue.update({"item_id": item.item_id, "in_stock": item.in_stock,
                                           "attributes": list(item.attributes), "boost": item.boost})
+    recommender.sync_catalogue()
 
 
 def run_worker(settings: WorkerSettings, loglevel: str = "info") -> None:

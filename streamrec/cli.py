@@ -139,7 +139,8 @@ def worker(broker: str = typer.Option(..., help="Kafka bootstrap HOST:PORT."),
            store: str = typer.Option("auto", help="State store: rocksdb, memory or auto."),
            data_dir: Path = typer.Option(Path(".streamrec"), help="Local state (RocksDB) directory."),
            k: int = typer.Option(20, help="List length."),
-           metrics_port: Optional[int] = typer.Option(None, help="Serve Prometheus metrics on 127.0.0.1:PORT."),
+           metrics_port: Optional[int] = typer.Option(None, help="Serve Prometheus metrics on this port."),
+           metrics_host: str = typer.Option("127.0.0.1", help="Metrics bind address (0.0.0.0 in a container)."),
            reload_interval: float = typer.Option(5.0, help="Seconds between checks for a new model version."),
            loglevel: str = typer.Option("info")):
     """Run the Faust worker: shop-events in, recommendations out."""
@@ -150,10 +151,79 @@ def worker(broker: str = typer.Option(..., help="Kafka bootstrap HOST:PORT."),
         _fail("--store must be rocksdb, memory or auto")
     settings = WorkerSettings(broker=broker, model=model, group=group, partitions=partitions,
                               max_batch=max_batch, batch_wait_s=batch_wait, store=store,
-                              data_dir=data_dir, metrics_port=metrics_port,
+                              data_dir=data_dir, metrics_port=metrics_port, metrics_host=metrics_host,
                               reload_interval_s=reload_interval, rerank=RerankConfig(k=k))
     sys.argv = sys.argv[:1]  # Faust's Worker parses argv itself
     run_worker(settings, loglevel=loglevel)
+
+
+@app.command()
+def replay(path: Path = typer.Argument(..., exists=True, dir_okay=False,
+                                       help="Event log: JSON lines, CSV, Parquet, msgpack or sequence-per-line."),
+           broker: str = typer.Option(..., help="Kafka bootstrap HOST:PORT."),
+           topic: str = typer.Option("shop-events", help="Topic to produce to."),
+           speed: Optional[float] = typer.Option(None, help="Keep original inter-arrival times, scaled by X."),
+           rate: Optional[float] = typer.Option(None, help="Steady N events/s."),
+           max_speed: bool = typer.Option(False, "--max", help="As fast as the broker takes (the default)."),
+           from_ts: Optional[float] = typer.Option(None, "--from", help="Only events with ts >= this."),
+           to_ts: Optional[float] = typer.Option(None, "--to", help="Only events with ts < this."),
+           partitions: Optional[int] = typer.Option(None, help="Create the topic with this many partitions if missing."),
+           evaluate: bool = typer.Option(False, "--evaluate", help="Prequential HR@10/NDCG@10 against the live lists."),
+           progress: bool = typer.Option(True, help="Show a progress bar."),
+           as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object.")):
+    """Replay a logged event stream into Kafka in the contract's schema (per-user order kept)."""
+    from stream.replay import replay as run_replay
+
+    if (speed is not None) + (rate is not None) + max_speed > 1:
+        _fail("choose one of --speed, --rate, --max")
+    try:
+        summary = asyncio.run(run_replay(path, broker, topic, speed=speed, rate=rate, max_speed=max_speed,
+                                         from_ts=from_ts, to_ts=to_ts, evaluate=evaluate, progress=progress,
+                                         partitions=partitions))
+    except ValueError as exc:
+        _fail(str(exc))
+    if as_json:
+        out = {"sent": summary.sent, "rejected": dict(summary.rejected), "duration_s": round(summary.duration_s, 3),
+               "rate": round(summary.rate, 1), "skipped_by_time": summary.skipped_by_time}
+        if summary.evaluation is not None:
+            out["evaluation"] = summary.evaluation.as_dict() if hasattr(summary.evaluation, "as_dict") \
+                else str(summary.evaluation)
+        typer.echo(json.dumps(out))
+    else:
+        typer.echo(str(summary))
+
+
+@app.command()
+def lag(broker: str = typer.Option(..., help="Kafka bootstrap HOST:PORT."),
+        group: str = typer.Option("streamrec", help="Consumer group id."),
+        topic: Optional[list[str]] = typer.Option(None, help="Topics (default: those the group commits)."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+        watch: bool = typer.Option(False, "--watch", help="Refresh a live table until Ctrl-C."),
+        interval: float = typer.Option(5.0, help="Seconds between refreshes with --watch."),
+        window: int = typer.Option(10, help="Snapshots in the status window (Burrow-style)."),
+        samples: int = typer.Option(1, help="Without --watch: snapshots taken for the status (interval apart).")):
+    """Consumer lag per partition: committed, log end, lag, lag seconds, status."""
+    from stream.lag import LagEvaluator, lag_snapshot, render_table, run_watch
+
+    if watch:
+        run_watch(broker, group, interval, topics=topic, window=window)
+        return
+
+    async def snapshots():
+        evaluator, snap = LagEvaluator(max(2, window)), None
+        for n in range(max(1, samples)):
+            if n:
+                await asyncio.sleep(interval)
+            snap = evaluator.update(await lag_snapshot(broker, group, topic))
+        return snap
+
+    snap = asyncio.run(snapshots())
+    if as_json:
+        typer.echo(snap.to_json())
+    else:
+        from rich.console import Console
+
+        Console().print(render_table(snap))
 
 
 @app.command()

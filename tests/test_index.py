@@ -55,8 +55,10 @@ def test_ann_kinds_reach_high_recall(kind):
     queries = item_index_module.tuning_queries(vectors, 100, seed=7)
     index = ItemIndex.build(vectors, kind=kind)
     assert index.info.kind == kind and len(index) == 3000
-    _, rows = index.search(queries, 100)
+    scores, rows = index.search(queries, 100)
     assert recall_at_k(rows, exact_top(vectors, queries, 100)) >= 0.95
+    true_scores = np.take_along_axis(queries @ vectors.T, rows, 1)  # scores are inner products
+    np.testing.assert_allclose(scores, true_scores, rtol=1e-3, atol=1e-3)
     if kind == "ivf":
         assert 1 <= index.info.nprobe <= index.info.nlist
         assert index.info.nlist == item_index_module.ivf_nlist(3000)
@@ -93,6 +95,10 @@ def test_save_load_round_trip(tmp_path, kind):
     queries = vectors[:20] + 0.1
     for before, after in zip(index.search(queries, 50), loaded.search(queries, 50)):
         np.testing.assert_array_equal(before, after)
+    if kind != "flat":  # the sidecar carries settings the FAISS file alone does not
+        (tmp_path / "items.faiss.json").unlink()
+        with pytest.raises(FileNotFoundError, match="items.faiss.json"):
+            ItemIndex.load(path)
 
 
 def test_wrong_input_is_rejected_clearly():

@@ -122,7 +122,7 @@ def test_user_vector_does_not_depend_on_left_padding():
 
 # ----------------------------------------------------------------------------- training
 
-def chain_log(n_users=400, n_items=60, seed=0):
+def chain_log(n_users=300, n_items=60, seed=0):
     """Each user walks item i -> i+1 (mod n_items) from a random start, with types and ts."""
     rng = random.Random(seed)
     log = {}
@@ -141,7 +141,7 @@ def trained(tmp_path_factory):
     log = chain_log()
     out = tmp_path_factory.mktemp("model")
     cfg = TrainConfig(encoder=EncoderConfig(dim=32, n_layers=1, max_len=20, dropout=0.1, emb_dropout=0.1),
-                      epochs=12, batch_size=64, lr=3e-3, warmup_steps=10, patience=20, max_minutes=1.0)
+                      epochs=8, batch_size=64, lr=3e-3, warmup_steps=10, patience=20, max_minutes=1.0)
     artifact = train(log, cfg, out, progress=False)
     return log, out, artifact
 
@@ -164,6 +164,7 @@ def test_artifact_round_trip(trained):
         assert (out / name).exists(), name
     loaded = ModelArtifact.load(out)
     assert loaded.version == artifact.version and loaded.items == artifact.items
+    assert all(loaded.item_index[item] == row for row, item in enumerate(loaded.items))
     histories = [seq[:-1] for seq in log.values()][:50]
     histories += [[], [("never-seen", "view", 1.0)], [("never-seen", None, None), ("item3", "click", 5.0)]]
     a, b = artifact.encode(histories), loaded.encode(histories)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
-import time
 
 import msgpack
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from stream.compat import ensure_topics, high_watermarks
-from stream.events import decode_event, encode_recommendations
+from stream.events import decode_event, encode_event, encode_recommendations
 from stream.replay import (SEQUENCE_EVENT_TYPE, SEQUENCE_STEP_S, LogFormatError, Rejected, ReplayRecord,
                            iter_log, load_events, replay)
 
@@ -40,6 +39,9 @@ def test_jsonl_reader_reports_bad_lines(tmp_path):
         json.dumps({"user_id": "u", "item_id": "i", "type": "view", "ts": "yesterday"}),
         json.dumps({"item_id": "i", "type": "view", "ts": 1}),
         json.dumps([1, 2, 3]),
+        json.dumps({"user_id": "u", "item_id": "i", "type": ["view"], "ts": 1}),
+        json.dumps({"user_id": "u", "item_id": {"a": 1}, "type": "view", "ts": 1}),
+        json.dumps({"user_id": "u", "item_id": "i", "type": "view", "ts": 1, "event_id": 1.5}),
         "",
     ]
     path.write_text("\n".join(lines) + "\n")
@@ -48,8 +50,11 @@ def test_jsonl_reader_reports_bad_lines(tmp_path):
     assert records[0].event.event_id == "e1"
     assert records[2].event.user_id == "7" and records[2].event.ts == 102.0
     assert [r.reason for r in rejected] == ["not JSON", "unknown type", "missing ts", "bad ts",
-                                            "missing user_id", "not a map"]
+                                            "missing user_id", "not a map", "unknown type", "bad item_id",
+                                            "bad event_id"]
     assert rejected[0].where == "log.jsonl:4"
+    for r in records:  # what the readers accept, the wire contract accepts
+        assert decode_event(encode_event(r.event)) == r.event
 
 
 def test_csv_reader(tmp_path):
@@ -108,6 +113,7 @@ def test_sequence_reader_spreads_time_in_order(tmp_path):
     ts = [e.ts for e in by_user["1"]]
     assert all(b - a == SEQUENCE_STEP_S for a, b in zip(ts, ts[1:]))
     assert {r.event.type for r in records} == {SEQUENCE_EVENT_TYPE}
+    assert all(decode_event(encode_event(r.event)) == r.event for r in records)
     # replayed in ts order: users interleave, each user's own order is kept
     events, *_ = load_events(path)
     assert [e.item_id for e in events if e.user_id == "1"] == ["10", "11", "12"]
@@ -239,6 +245,8 @@ async def test_prequential_evaluation_scores_lists(broker, tmp_path):
     assert ev.with_list >= 35  # a user's first event has no list; later ones do: 0.4 s between them
     assert ev.hr >= 0.9 and ev.ndcg >= 0.9
     assert "HR@10" in str(summary)
+    doc = json.loads(json.dumps(summary.as_dict()))
+    assert doc["sent"] == 48 and doc["evaluation"]["with_list"] == ev.with_list and "hr@10" in doc["evaluation"]
 
 
 def test_replay_rejects_two_paces(tmp_path):
