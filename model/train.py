@@ -40,6 +40,8 @@ class TrainConfig:
     warmup_steps: int = 100
     grad_clip: float = 1.0
     label_smoothing: float = 0.0
+    temperature: float = 1.0  # logits are divided by it in the loss (ranking is unchanged)
+    negatives: int = 0  # 0: full softmax over all items; else sampled softmax with this many
     patience: int = 10  # epochs without a better validation NDCG@10 before stopping
     max_minutes: float = 18.0  # wall-clock cap on the loop; the best epoch so far is kept
     use_attributes: bool = True  # item attribute features, when attributes are available
@@ -158,8 +160,7 @@ def train(log: Log | str | Path, cfg: TrainConfig | None = None, out_dir: str | 
                 item_vecs = encoder.item_vectors()
                 h = encoder(x, t, g, item_vecs=item_vecs)
                 sel = y > 0
-                logits = h[sel] @ item_vecs[1:].T  # full softmax over all items, every position
-                loss = F.cross_entropy(logits.float(), y[sel] - 1, label_smoothing=cfg.label_smoothing)
+                loss = next_item_loss(h[sel], y[sel], item_vecs, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -210,6 +211,21 @@ def train(log: Log | str | Path, cfg: TrainConfig | None = None, out_dir: str | 
     (out_dir / "metrics.json").write_text(json.dumps({"final": final, "history": history}, indent=2))
     plot_curve(history, out_dir / "training_curve.png")
     return artifact
+
+
+def next_item_loss(h: torch.Tensor, targets: torch.Tensor, item_vecs: torch.Tensor, cfg: TrainConfig):
+    """Softmax cross-entropy of the next item at every position: over all items, or over the
+    target plus `negatives` items shared by the batch (uniform; sampled hits of the target
+    are masked)."""
+    if not cfg.negatives:
+        logits = h @ item_vecs[1:].T / cfg.temperature
+        return F.cross_entropy(logits.float(), targets - 1, label_smoothing=cfg.label_smoothing)
+    neg = torch.randint(1, item_vecs.shape[0], (cfg.negatives,), device=h.device)
+    pos_logit = (h * item_vecs[targets]).sum(-1, keepdim=True)
+    neg_logits = (h @ item_vecs[neg].T).masked_fill(neg[None, :] == targets[:, None], -torch.inf)
+    logits = torch.cat([pos_logit, neg_logits], 1) / cfg.temperature
+    zeros = torch.zeros_like(targets)
+    return F.cross_entropy(logits.float(), zeros, label_smoothing=cfg.label_smoothing)
 
 
 def plot_curve(history: list[dict], path: Path) -> None:

@@ -48,8 +48,14 @@ def load_events(options: DemoOptions) -> list[dict]:
         return generate(ShopSpec(users=options.users, items=options.items, seed=options.seed))
     from stream.replay import load_events as read_log
 
+    events, rejected, _, _ = read_log(options.data)
+    if rejected:
+        Console().print(f"[yellow]skipped {sum(rejected.values()):,} bad records in {options.data}: "
+                        f"{dict(rejected.most_common(5))}[/]")
+    if not events:
+        raise SystemExit(f"no valid events in {options.data}")
     return [{"event_id": e.event_id, "user_id": e.user_id, "item_id": e.item_id, "type": e.type, "ts": e.ts}
-            for e in read_log(options.data)]
+            for e in events]
 
 
 def run_demo(options: DemoOptions) -> dict:

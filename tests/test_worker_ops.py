@@ -12,6 +12,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from model.train import TrainConfig, train
+from stream.broker import free_port
 from stream.events import EVENTS_TOPIC, ITEMS_TOPIC, encode_event, encode_item
 from stream.lag import lag_snapshot
 from stream.replay import replay
@@ -34,11 +35,17 @@ def models_root(tmp_path_factory, tiny_model):
 
 
 @pytest.fixture(scope="module")
-def worker(broker, models_root, tmp_path_factory):
+def metrics_port():
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def worker(broker, models_root, metrics_port, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("ops-worker")
     log_path = workdir / "worker.log"
     proc = harness.start_worker(broker.bootstrap, models_root, workdir / "state", partitions=PARTITIONS,
-                                log_path=log_path, extra=["--reload-interval", "1"])
+                                log_path=log_path, extra=["--reload-interval", "1",
+                                                          "--metrics-port", str(metrics_port)])
     asyncio.run(harness.wait_for_worker_ready(broker.bootstrap, log_path))
     yield proc
     harness.stop_worker(proc)
@@ -200,3 +207,38 @@ async def test_repeated_replay_changes_no_state_twice(broker, worker, tiny_shop,
     for user, state in latest.items():
         assert len(state["event_ids"]) == len(set(state["event_ids"]))
         assert state["event_ids"] == per_user[user][-len(state["event_ids"]):]
+
+
+async def test_worker_serves_prometheus_metrics(broker, worker, metrics_port, tiny_shop):
+    import urllib.request
+
+    user = "metrics-user"
+    await send_events(broker.bootstrap, [event(user, e["item_id"], n) for n, e in enumerate(tiny_shop[0][:5])])
+    await harness.produce(broker.bootstrap, EVENTS_TOPIC, [(b"metrics-user", b"not msgpack")])
+    collector = harness.ListCollector(broker.bootstrap)
+    await collector.start()
+    try:
+        await latest_list(collector, user, f"{user}-4")
+    finally:
+        await collector.stop()
+
+    def scrape() -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while True:  # lag gauges appear after the collector's first refresh
+        text = await asyncio.to_thread(scrape)
+        if 'kafka_consumergroup_lag{group="streamrec",partition="0",topic="shop-events"}' in text \
+                or loop.time() > deadline:
+            break
+        await asyncio.sleep(1)
+    assert 'kafka_consumergroup_lag{group="streamrec",partition="0",topic="shop-events"}' in text
+    assert "kafka_consumergroup_lag_seconds{" in text
+    for stage in ("state", "encode", "search", "rerank", "publish"):
+        assert f'streamrec_stage_latency_seconds_count{{stage="{stage}"}}' in text
+    processed = [line for line in text.splitlines() if line.startswith("streamrec_events_processed_total ")]
+    assert processed and float(processed[0].split()[-1]) >= 6
+    assert 'streamrec_dlq_messages_total{reason="not msgpack"}' in text
+    assert "streamrec_event_to_list_latency_seconds_bucket" in text
+    assert "streamrec_batch_size_bucket" in text
