@@ -5,11 +5,12 @@
 Synthetic item vectors imitate trained embeddings: a Gaussian mixture whose cluster sizes
 follow a power law (a few huge categories, a long tail), clusters grouped under a handful of
 "departments", and norms that vary log-normally (popular items are longer). Queries are
-user-like: a weighted mix of 1-5 items the user "liked", from one or two clusters, plus noise.
+user-like: a random convex mix of 1-5 catalogue items (the user's interests) plus noise.
 
 Per method it prints recall@100 against exact search, queries/s for batches of 1000 (median
 of repeats), build seconds and index memory (serialized size). `--n` takes several sizes,
-e.g. `--n 1000000 18357 12101` (the Sports and Beauty catalogue sizes).
+e.g. `--n 1000000 18357 12101` (the Sports and Beauty catalogue sizes); `--model DIR`
+replaces the synthetic data with a trained model's item embeddings and encoded users.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def synthetic_catalogue(n: int, dim: int, seed: int = 0) -> np.ndarray:
 
 
 def user_queries(vectors: np.ndarray, count: int, seed: int = 1) -> np.ndarray:
-    """User-like queries: weighted mixes of 1-5 catalogue items plus noise."""
+    """User-like queries: random convex mixes of 1-5 catalogue items plus noise."""
     rng = np.random.default_rng(seed)
     n, dim = vectors.shape
     queries = np.empty((count, dim), dtype=np.float32)
@@ -105,11 +106,30 @@ def describe(index: ItemIndex) -> str:
     return "flat"
 
 
-def run(n: int, dim: int, n_queries: int, methods: list[str]) -> list[dict]:
+def trained_vectors(model_dir: str, data: str, n_queries: int) -> tuple[np.ndarray, np.ndarray]:
+    """Item embeddings of a trained model and the encoded histories of random users."""
+    from model.artifact import ModelArtifact
+    from model.data import load_log
+
+    artifact = ModelArtifact.load(model_dir, device="cpu")
+    histories = list(load_log(data).values())
+    rng = np.random.default_rng(1)
+    chosen = rng.choice(len(histories), size=min(n_queries, len(histories)), replace=False)
+    return artifact.item_embeddings(), artifact.encode([histories[i] for i in chosen]).astype(np.float32)
+
+
+def run(n: int, dim: int, n_queries: int, methods: list[str], model: str | None = None,
+        data: str | None = None) -> list[dict]:
     started = time.perf_counter()
-    vectors = synthetic_catalogue(n, dim)
-    queries = user_queries(vectors, n_queries)
-    print(f"\n# n={n:,} dim={dim} queries={n_queries} (data {time.perf_counter() - started:.1f}s)", flush=True)
+    if model:
+        vectors, queries = trained_vectors(model, data, n_queries)
+        n, dim, n_queries = vectors.shape[0], vectors.shape[1], len(queries)
+    else:
+        vectors = synthetic_catalogue(n, dim)
+        queries = user_queries(vectors, n_queries)
+    source = f"trained model {model}, users of {data}" if model else "synthetic"
+    print(f"\n# n={n:,} dim={dim} queries={n_queries} {source} (data {time.perf_counter() - started:.1f}s)",
+          flush=True)
     exact = build("exact", vectors)
     _, truth = exact.search(queries, K)
     rows = []
@@ -154,12 +174,18 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--methods", nargs="+", default=["exact", "ivf", "ivf-ip", "hnsw", "auto"], choices=METHODS)
     parser.add_argument("--threads", type=int, default=0, help="FAISS threads (0 = FAISS default)")
+    parser.add_argument("--model", help="use this trained model's item embeddings and user vectors instead")
+    parser.add_argument("--data", default="/work/shared/data/Beauty.txt", help="log whose users --model encodes")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
-    print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads, k={K}, batch={BATCH}")
+    print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads, k={K}, batch={BATCH}, "
+          f"queries/s = median of {REPEATS} passes")
     methods = ["exact"] + [m for m in args.methods if m != "exact"]
+    if args.model:
+        run(0, 0, args.queries, methods, args.model, args.data)
+        return
     for n in args.n:
         run(n, args.dim, args.queries, methods)
 

@@ -226,7 +226,8 @@ def render_table(snapshot: LagSnapshot):
     title = (f"group [bold]{snapshot.group}[/]  status [{STATUS_STYLE.get(snapshot.status, '')}]"
              f"{snapshot.status}[/]  total lag {snapshot.total_lag:,}  members {members}  "
              f"{time.strftime('%H:%M:%S', time.localtime(snapshot.taken_at))}")
-    table = Table(title=title, title_justify="left")
+    table = Table(title=title, title_justify="left",
+                  caption=None if snapshot.partitions else "no partitions: the topics do not exist yet")
     for name in ("topic", "partition", "committed", "end", "lag", "lag s", "status"):
         table.add_column(name, justify="left" if name in ("topic", "status") else "right")
     for p in snapshot.partitions:

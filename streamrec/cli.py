@@ -183,12 +183,7 @@ def replay(path: Path = typer.Argument(..., exists=True, dir_okay=False,
     except ValueError as exc:
         _fail(str(exc))
     if as_json:
-        out = {"sent": summary.sent, "rejected": dict(summary.rejected), "duration_s": round(summary.duration_s, 3),
-               "rate": round(summary.rate, 1), "skipped_by_time": summary.skipped_by_time}
-        if summary.evaluation is not None:
-            out["evaluation"] = summary.evaluation.as_dict() if hasattr(summary.evaluation, "as_dict") \
-                else str(summary.evaluation)
-        typer.echo(json.dumps(out))
+        typer.echo(json.dumps(summary.as_dict(), default=str))
     else:
         typer.echo(str(summary))
 
@@ -210,7 +205,7 @@ def lag(broker: str = typer.Option(..., help="Kafka bootstrap HOST:PORT."),
         return
 
     async def snapshots():
-        evaluator, snap = LagEvaluator(max(2, window)), None
+        evaluator, snap = LagEvaluator(max(2, min(window, samples))), None
         for n in range(max(1, samples)):
             if n:
                 await asyncio.sleep(interval)

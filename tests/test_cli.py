@@ -1,0 +1,58 @@
+"""The command line as a user runs it: train -> eval reproduces the saved metrics; replay -> lag."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from streamrec.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def shop_log(tmp_path_factory, tiny_shop):
+    path = tmp_path_factory.mktemp("logs") / "events.jsonl"
+    path.write_text("".join(json.dumps({"v": 1, **e}) + "\n" for e in tiny_shop[0]))
+    return path
+
+
+def test_train_then_eval_reproduces_the_saved_metrics(shop_log, tmp_path):
+    out = tmp_path / "model"
+    result = runner.invoke(app, ["train", "--data", str(shop_log), "--out", str(out), "--epochs", "2",
+                                 "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert {"model.safetensors", "config.json", "vocab.json", "metadata.json", "items.faiss",
+            "metrics.json", "training_curve.png"} <= {p.name for p in out.iterdir()}
+    saved = json.loads((out / "metadata.json").read_text())["metrics"]["test"]
+    result = runner.invoke(app, ["eval", "--model", str(out), "--data", str(shop_log), "--json"])
+    assert result.exit_code == 0, result.output
+    measured = json.loads(result.output)
+    for key in ("HR@10", "NDCG@10", "HR@20", "NDCG@20"):
+        assert measured[key] == pytest.approx(saved[key], abs=1e-6)
+
+
+def test_train_rejects_a_malformed_log_clearly(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"v": 1, "user_id": "u"\n')
+    result = runner.invoke(app, ["train", "--data", str(bad), "--out", str(tmp_path / "m"), "--no-progress"])
+    assert result.exit_code == 2
+    assert "bad.jsonl" in result.output
+
+
+@pytest.mark.integration
+def test_replay_then_lag_json(broker, shop_log):
+    result = runner.invoke(app, ["replay", str(shop_log), "--broker", broker.bootstrap, "--topic", "cli-events",
+                                 "--partitions", "2", "--max", "--no-progress", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert summary["sent"] > 0
+    result = runner.invoke(app, ["lag", "--broker", broker.bootstrap, "--group", "nobody", "--topic", "cli-events",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    lag = json.loads(result.output)
+    assert lag["group"] == "nobody" and lag["total_lag"] == summary["sent"]  # no commit: from log start
+    assert {p["partition"] for p in lag["partitions"]} == {0, 1}
+    assert set(lag["partitions"][0]) == {"topic", "partition", "committed", "end", "lag", "lag_seconds", "status"}
