@@ -222,24 +222,19 @@ def create_app(settings: WorkerSettings, recommender: Recommender, metrics=None)
         await app.producer.buffer.flush()
         await app.producer.flush()
         t3 = time.perf_counter()
+        timings = {"state": t1 - t0, **(recommender.timings if states else {}), "publish": t3 - t2}
         stats["events"] += len(batch)
         stats["published"] += len(states)
         stats["batches"] += 1
-        seconds = stats["seconds"]
-        seconds["state"] += t1 - t0
-        seconds["publish"] += t3 - t2
-        for stage, spent in recommender.timings.items():
-            seconds[stage] += spent
+        for stage, spent in timings.items():
+            stats["seconds"][stage] += spent
         if metrics:
             metrics.observe_batch(len(batch))
-            metrics.observe_stage("state", t1 - t0)
-            for stage, seconds in recommender.timings.items():
-                metrics.observe_stage(stage, seconds)
-            metrics.observe_stage("publish", t3 - t2)
+            for stage, spent in timings.items():
+                metrics.observe_stage(stage, spent)
             metrics.count_published(len(states))
-            if valid:
-                done = time.time()
-                metrics.observe_event_latency(done - np.fromiter((s.last_event_ts for s in states), float))
+            if states:
+                metrics.observe_event_latency(time.time() - np.fromiter((s.last_event_ts for s in states), float))
 
     @app.timer(STATS_LOG_INTERVAL_S)
     async def log_stats():

@@ -22,6 +22,9 @@ from streamrec import harness
 from streamrec.synthetic import ShopSpec, generate
 
 
+REBALANCE_SETTLE_S = 8.0
+
+
 @dataclass
 class E2EOptions:
     events: int = 20000
@@ -30,6 +33,7 @@ class E2EOptions:
     rate: float | None = None       # None: as fast as the producer goes
     partitions: int = 4
     max_batch: int = 512
+    workers: int = 1                # worker processes in the consumer group
     model: Path | None = None
     train_epochs: int = 3
     seed: int = 0
@@ -46,16 +50,23 @@ def run_e2e(options: E2EOptions) -> dict:
     events = events[: options.events]
     model = options.model or _train(events, workdir, options.train_epochs)
     with EmbeddedBroker(log_path=str(workdir / "broker.log")) as broker:
-        log_path = workdir / "worker.log"
-        worker = harness.start_worker(broker.bootstrap, model, workdir / "state", partitions=options.partitions,
-                                      log_path=log_path, extra=["--max-batch", str(options.max_batch)])
+        logs = [workdir / f"worker-{n}.log" for n in range(options.workers)]
+        workers = [harness.start_worker(broker.bootstrap, model, workdir / f"state-{n}",
+                                        partitions=options.partitions, log_path=log,
+                                        extra=["--max-batch", str(options.max_batch)])
+                   for n, log in enumerate(logs)]
         try:
-            result = asyncio.run(_drive(broker.bootstrap, events, options, log_path))
+            result = asyncio.run(_drive(broker.bootstrap, events, options, logs))
         finally:
-            harness.stop_worker(worker)
-        stages = [line for line in log_path.read_text(errors="replace").splitlines() if "stage seconds" in line]
-    result["worker_stage_seconds"] = stages[-1].split("stage seconds ")[-1].strip() if stages else None
+            for worker in workers:
+                harness.stop_worker(worker)
+    result["worker_stage_seconds"] = [_last_stage_line(log) for log in logs]
     return result
+
+
+def _last_stage_line(log: Path) -> str | None:
+    lines = [line for line in log.read_text(errors="replace").splitlines() if "stage seconds" in line]
+    return lines[-1].split("processed ")[-1].strip() if lines else None
 
 
 def _train(events: list[dict], workdir: Path, epochs: int) -> Path:
@@ -70,8 +81,11 @@ def _train(events: list[dict], workdir: Path, epochs: int) -> Path:
     return out
 
 
-async def _drive(bootstrap: str, events: list[dict], options: E2EOptions, log_path: Path) -> dict:
-    await harness.wait_for_worker_ready(bootstrap, log_path)
+async def _drive(bootstrap: str, events: list[dict], options: E2EOptions, logs: list[Path]) -> dict:
+    for log in logs:
+        await harness.wait_for_worker_ready(bootstrap, log)
+    if len(logs) > 1:
+        await asyncio.sleep(REBALANCE_SETTLE_S)  # later joiners trigger a rebalance
     collector = harness.ListCollector(bootstrap)
     await collector.start()
     started = time.time()
@@ -85,6 +99,7 @@ async def _drive(bootstrap: str, events: list[dict], options: E2EOptions, log_pa
     lat = np.asarray(collector.latencies) * 1000
     return {
         "events": len(events),
+        "workers": options.workers,
         "users": len(last),
         "offered_rate": options.rate or "max",
         "produce_seconds": round(produced, 2),

@@ -243,13 +243,14 @@ def bench_e2e(events: int = typer.Option(20000, help="Events to stream through t
               users: int = typer.Option(2000), items: int = typer.Option(600),
               rate: Optional[float] = typer.Option(None, help="Events/s offered (default: as fast as possible)."),
               partitions: int = typer.Option(4), max_batch: int = typer.Option(512),
+              workers: int = typer.Option(1, help="Worker processes in the consumer group."),
               model: Optional[Path] = typer.Option(None, help="Model dir (default: train a small one)."),
               as_json: bool = typer.Option(False, "--json")):
     """End-to-end through a real broker: events/s and p50/p99 latency (produced_ts - event ts)."""
     from streamrec.bench import E2EOptions, run_e2e
 
     result = run_e2e(E2EOptions(events=events, users=users, items=items, rate=rate,
-                                partitions=partitions, max_batch=max_batch, model=model))
+                                partitions=partitions, max_batch=max_batch, workers=workers, model=model))
     typer.echo(json.dumps(result) if as_json else "\n".join(f"{k:>22}: {v}" for k, v in result.items()))
 
 

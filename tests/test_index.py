@@ -172,6 +172,12 @@ def test_trending_prefers_recent_and_heavy_events():
     assert top[2][1] == pytest.approx(0.75)
 
 
+def test_event_weights_favour_purchases_and_default_to_one():
+    np.testing.assert_array_equal(event_weights(["view", "purchase", None, "bogus"]),
+                                  [1.0, EVENT_WEIGHTS["purchase"], 1.0, 1.0])
+    assert EVENT_WEIGHTS["purchase"] > EVENT_WEIGHTS["add_to_cart"] > EVENT_WEIGHTS["view"]
+
+
 def test_trending_exclude_availability_and_batching():
     trending = Trending(half_life_s=10.0)
     trending.observe(np.array(["a", "b", "a", "c", "a", "b"]), ts=np.arange(6.0))
