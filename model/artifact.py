@@ -82,18 +82,26 @@ class ModelArtifact:
         gaps = torch.from_numpy(left_pad([r[2] for r in rows], width)).to(self.device)
         return self.encode_tensors(items, types, gaps).cpu().numpy()
 
-    def encode_tensors(self, items, types, gaps, batch_size: int = 4096) -> torch.Tensor:
+    def encode_tensors(self, items, types, gaps, batch_size: int = 1024) -> torch.Tensor:
         """Left-padded id tensors -> float32 [B, dim] (the last position), zero if empty."""
         was_training = self.encoder.training
         self.encoder.eval()
-        out = []
+        out = torch.zeros(items.shape[0], self.dim, device=items.device)
         with torch.inference_mode():
+            # Most histories are short: encode users in order of length, each chunk trimmed to
+            # its longest history, instead of padding everyone to max_len.
+            lengths = (items > 0).sum(1)
+            order = torch.argsort(lengths)
             for s in range(0, items.shape[0], batch_size):
-                it, ty, ga = items[s:s + batch_size], types[s:s + batch_size], gaps[s:s + batch_size]
+                rows = order[s:s + batch_size]
+                width = int(lengths[rows].max())
+                if width == 0:
+                    continue  # no known item: zero rows
+                it, ty, ga = (a[rows, -width:] for a in (items, types, gaps))
                 h = self.encoder(it, ty, ga)[:, -1].float()
-                out.append(h * (it[:, -1:] > 0))
+                out[rows] = h * (it[:, -1:] > 0)
         self.encoder.train(was_training)
-        return torch.cat(out)
+        return out
 
     # ------------------------------------------------------------------ persistence
 

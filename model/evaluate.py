@@ -70,7 +70,7 @@ def target_ranks(user_vecs: torch.Tensor, item_vecs: torch.Tensor, es: EvalSet,
         lo, hi = torch.searchsorted(seen_rows, torch.tensor([s, e])).tolist()
         scores[(seen_rows[lo:hi] - s).to(u.device), seen_cols[lo:hi].to(u.device)] = -torch.inf
         scores[:, 0] = -torch.inf
-        r = (scores > tgt_score).sum(1)
+        r = torch.gt(scores, tgt_score).view(torch.uint8).sum(1, dtype=torch.long)  # faster than bool sum
         r[tgt == 0] = n_rows  # unknown target: a miss
         ranks[s:e] = r.cpu()
     return ranks
