@@ -21,6 +21,7 @@ from pathlib import Path
 
 import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 import numpy as np
 from faust.streams import _current_event
 
@@ -268,6 +269,10 @@ def apply_catalogue_updates(recommender: Recommender, updates: list) -> None:
     recommender.sync_catalogue()
 
 
+class BrokerUnavailable(RuntimeError):
+    """The bootstrap address answers no Kafka protocol."""
+
+
 def run_worker(settings: WorkerSettings, loglevel: str = "info") -> None:
     """Create topics, load the model, and run the Faust worker until SIGINT/SIGTERM."""
     import faiss
@@ -275,8 +280,11 @@ def run_worker(settings: WorkerSettings, loglevel: str = "info") -> None:
 
     torch.set_num_threads(settings.torch_threads)
     faiss.omp_set_num_threads(settings.torch_threads)
-    asyncio.run(compat.ensure_topics(settings.broker, settings.topics()))
-    recommender = Recommender(settings.model, settings.rerank)
+    recommender = Recommender(settings.model, settings.rerank)  # fails fast on a bad model path
+    try:
+        asyncio.run(compat.ensure_topics(settings.broker, settings.topics()))
+    except KafkaError as exc:
+        raise BrokerUnavailable(f"cannot reach a Kafka broker at {settings.broker}: {exc}") from exc
     metrics = None
     if settings.metrics_port is not None:
         from stream.metrics import WorkerMetrics

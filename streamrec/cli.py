@@ -145,7 +145,7 @@ def worker(broker: str = typer.Option(..., help="Kafka bootstrap HOST:PORT."),
            loglevel: str = typer.Option("info")):
     """Run the Faust worker: shop-events in, recommendations out."""
     from index.rerank import RerankConfig
-    from stream.worker import WorkerSettings, run_worker
+    from stream.worker import BrokerUnavailable, WorkerSettings, run_worker
 
     if store not in ("auto", "rocksdb", "memory"):
         _fail("--store must be rocksdb, memory or auto")
@@ -154,7 +154,10 @@ def worker(broker: str = typer.Option(..., help="Kafka bootstrap HOST:PORT."),
                               data_dir=data_dir, metrics_port=metrics_port, metrics_host=metrics_host,
                               reload_interval_s=reload_interval, rerank=RerankConfig(k=k))
     sys.argv = sys.argv[:1]  # Faust's Worker parses argv itself
-    run_worker(settings, loglevel=loglevel)
+    try:
+        run_worker(settings, loglevel=loglevel)
+    except (FileNotFoundError, BrokerUnavailable) as exc:
+        _fail(str(exc))
 
 
 @app.command()

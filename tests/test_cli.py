@@ -56,3 +56,10 @@ def test_replay_then_lag_json(broker, shop_log):
     assert lag["group"] == "nobody" and lag["total_lag"] == summary["sent"]  # no commit: from log start
     assert {p["partition"] for p in lag["partitions"]} == {0, 1}
     assert set(lag["partitions"][0]) == {"topic", "partition", "committed", "end", "lag", "lag_seconds", "status"}
+
+
+def test_worker_explains_a_missing_model_and_an_unreachable_broker(tmp_path, tiny_model):
+    result = runner.invoke(app, ["worker", "--broker", "127.0.0.1:1", "--model", str(tmp_path)])
+    assert result.exit_code == 2 and "no model directory" in result.output
+    result = runner.invoke(app, ["worker", "--broker", "127.0.0.1:1", "--model", str(tiny_model)])
+    assert result.exit_code == 2 and "cannot reach a Kafka broker at 127.0.0.1:1" in result.output
