@@ -18,8 +18,8 @@ import statistics
 import time
 from pathlib import Path
 
-from model.evaluate import evaluate, evaluate_popularity
 from model.data import load_log
+from model.evaluate import evaluate_popularity
 from model.train import TrainConfig, train
 
 # (HR@10, NDCG@10) on the same files, full ranking; README of the data and the papers it cites.
@@ -77,7 +77,8 @@ def print_table(rows: list[dict], summary: bool = False) -> None:
         for m in METRICS + ("train_seconds",):
             xs = [r[m] for r in runs]
             sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-            cells.append(f"{statistics.mean(xs):.4f} ± {sd:.4f}" if m != "train_seconds" else f"{statistics.mean(xs):.0f}")
+            mean = statistics.mean(xs)
+            cells.append(f"{mean:.0f}" if m == "train_seconds" else f"{mean:.4f} ± {sd:.4f}")
         print(f"{ds:<22}" + "".join(f"{c:>17}" for c in cells[:-1]) + f"{cells[-1]:>10}")
         for name, (hr, ndcg) in PUBLISHED.get(ds, {}).items():
             print(f"{'  ' + name:<22}{hr:>17.4f}{ndcg:>17.4f}")

@@ -36,7 +36,8 @@ DEPARTMENTS = 24
 WITHIN_CLUSTER_SPREAD = 0.5  # item noise relative to the centre spread
 NORM_SIGMA = 0.35  # log-normal sigma of item norms
 QUERY_NOISE = 0.3
-METHODS = ("exact", "ivf", "ivf-ip", "hnsw", "auto")
+METHODS = ("exact", "ivf", "ivf-users", "ivf-ip", "hnsw", "auto")
+TUNING_USERS = 256  # user vectors (disjoint from the measured queries) for "ivf-users"
 
 
 def synthetic_catalogue(n: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -84,9 +85,11 @@ def memory_mb(index: ItemIndex) -> float:
     return len(faiss.serialize_index(index._index)) / 2**20
 
 
-def build(method: str, vectors: np.ndarray) -> ItemIndex:
+def build(method: str, vectors: np.ndarray, user_sample: np.ndarray) -> ItemIndex:
     if method == "exact":
         return ItemIndex.build(vectors, kind="flat", use_gpu=False)
+    if method == "ivf-users":  # nprobe tuned on other users' vectors instead of the stand-in
+        return ItemIndex.build(vectors, kind="ivf", use_gpu=False, tuning_queries=user_sample)
     if method == "ivf-ip":  # IVF searching inner product directly, without the L2 reduction
         saved = item_index_module.IVF_MIPS_TO_L2
         item_index_module.IVF_MIPS_TO_L2 = False
@@ -106,37 +109,39 @@ def describe(index: ItemIndex) -> str:
     return "flat"
 
 
-def trained_vectors(model_dir: str, data: str, n_queries: int) -> tuple[np.ndarray, np.ndarray]:
-    """Item embeddings of a trained model and the encoded histories of random users."""
+def trained_vectors(model_dir: str, data: str, n_queries: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Item embeddings of a trained model, encoded random users, and other users to tune on."""
     from model.artifact import ModelArtifact
     from model.data import load_log
 
     artifact = ModelArtifact.load(model_dir, device="cpu")
     histories = list(load_log(data).values())
     rng = np.random.default_rng(1)
-    chosen = rng.choice(len(histories), size=min(n_queries, len(histories)), replace=False)
-    return artifact.item_embeddings(), artifact.encode([histories[i] for i in chosen]).astype(np.float32)
+    chosen = rng.choice(len(histories), size=min(n_queries + TUNING_USERS, len(histories)), replace=False)
+    queries = artifact.encode([histories[i] for i in chosen]).astype(np.float32)
+    return artifact.item_embeddings(), queries[:-TUNING_USERS], queries[-TUNING_USERS:]
 
 
 def run(n: int, dim: int, n_queries: int, methods: list[str], model: str | None = None,
         data: str | None = None) -> list[dict]:
     started = time.perf_counter()
     if model:
-        vectors, queries = trained_vectors(model, data, n_queries)
+        vectors, queries, user_sample = trained_vectors(model, data, n_queries)
         n, dim, n_queries = vectors.shape[0], vectors.shape[1], len(queries)
     else:
         vectors = synthetic_catalogue(n, dim)
         queries = user_queries(vectors, n_queries)
+        user_sample = user_queries(vectors, TUNING_USERS, seed=2)
     source = f"trained model {model}, users of {data}" if model else "synthetic"
     print(f"\n# n={n:,} dim={dim} queries={n_queries} {source} (data {time.perf_counter() - started:.1f}s)",
           flush=True)
-    exact = build("exact", vectors)
+    exact = build("exact", vectors, user_sample)
     _, truth = exact.search(queries, K)
     rows = []
     exact_qps = None
     for method in methods:
         started = time.perf_counter()
-        index = exact if method == "exact" else build(method, vectors)
+        index = exact if method == "exact" else build(method, vectors, user_sample)
         build_s = 0.0 if method == "exact" else time.perf_counter() - started
         _, found = index.search(queries, K)
         qps = queries_per_second(index, queries)
@@ -152,7 +157,7 @@ def run(n: int, dim: int, n_queries: int, methods: list[str], model: str | None 
     return rows
 
 
-HEADER = f"| {'n':>9} | {'method':<7} | {'config':<28} | {'recall@100':>10} | {'queries/s':>9} | {'x exact':>7} | {'build s':>7} | {'memory MB':>9} |"
+HEADER = f"| {'n':>9} | {'method':<9} | {'config':<28} | {'recall@100':>10} | {'queries/s':>9} | {'x exact':>7} | {'build s':>7} | {'memory MB':>9} |"
 
 
 def print_row(row: dict) -> None:
@@ -161,7 +166,7 @@ def print_row(row: dict) -> None:
         print("|" + "|".join("-" * (len(cell)) for cell in HEADER.split("|")[1:-1]) + "|")
         print_row.printed_header = True
     print(
-        f"| {row['n']:>9,} | {row['method']:<7} | {row['config']:<28} | {row['recall']:>10.4f} | "
+        f"| {row['n']:>9,} | {row['method']:<9} | {row['config']:<28} | {row['recall']:>10.4f} | "
         f"{row['qps']:>9,.0f} | {row['speedup']:>7.1f} | {row['build_s']:>7.1f} | {row['memory_mb']:>9.1f} |",
         flush=True,
     )

@@ -4,17 +4,22 @@ A new product arrives on `shop-items` long before anyone interacts with it, so t
 item table has no row for it. Items that share its attributes do, and their vectors say
 where in the embedding space such an item belongs:
 
-- "mean" (default): an attribute's vector is the mean of the vectors of the items carrying
-  it; a new item gets the IDF-weighted mean of its attributes' vectors, so a brand (rare)
-  pulls harder than the catch-all category every item has;
-- "ridge": attribute vectors W solve min ||X W - V||^2 + alpha ||W||^2 over the multi-hot
-  attribute matrix X, and a new item gets x W.
+- "ridge" (default): attribute vectors W solve min ||X W - V||^2 + alpha ||W||^2 over the
+  multi-hot attribute matrix X, and a new item gets x W;
+- "mean": an attribute's vector is the mean of the vectors of the items carrying it; a new
+  item gets the IDF-weighted mean of its attributes' vectors, so a brand (rare) pulls harder
+  than the catch-all category every item has.
 
 Either way the result is rescaled to the typical norm of the items sharing its attributes
 (IDF-weighted mean of each attribute's mean item norm): inner-product retrieval favours long
 vectors, and an average of many vectors is shorter than any of them, which would bury every
-cold-start item below the items it resembles. `benchmarks/rerank.py --cold-start` compares the
-two methods on held-out items (cosine to the item's true vector, overlap of neighbours).
+cold-start item below the items it resembles.
+
+Measured with `benchmarks/rerank.py --cold-start` on Beauty (10% of items held out, their
+vectors rebuilt from attributes; 2118 test users whose target is a held-out item): ridge put
+the target in the user's top 100 for 7.6% of them (mean: 2.1%, the trained vector: 19.9%),
+cosine to the trained vector 0.71 (mean 0.69). alpha 0.1-1 were equal, 10 worse; without the
+norm rescaling ridge fell to 4.7%.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 METHODS = ("mean", "ridge")
-DEFAULT_METHOD = "mean"
+DEFAULT_METHOD = "ridge"
 DEFAULT_RIDGE_ALPHA = 1.0
 
 

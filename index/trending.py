@@ -88,11 +88,11 @@ class Trending:
             return []
         now = self.latest_ts if now is None else now
         scores = self._scores[:count].copy()
-        if exclude:
-            excluded = [self._slot_of[i] for i in exclude if i in self._slot_of]
-            scores[excluded] = -np.inf
-        if available is not None:
-            scores[~available.available(self._items)] = -np.inf
+        dropped = set(exclude)
+        if available is not None:  # the unavailable set is small; the item list may not be
+            dropped |= available.unavailable_ids
+        if dropped:
+            scores[[self._slot_of[i] for i in dropped if i in self._slot_of]] = -np.inf
         take = min(k, count)
         best = np.argpartition(-scores, take - 1)[:take]
         best = best[np.argsort(-scores[best], kind="stable")]

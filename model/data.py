@@ -33,14 +33,32 @@ EVENT_KEYS = ("user_id", "item_id", "type", "ts")
 # ----------------------------------------------------------------------------- reading
 
 def load_log(path: str | Path) -> Log:
-    """Read a log file; the format is chosen by extension (.txt / .jsonl / .msgpack)."""
+    """Read a log file: .txt sequences, .jsonl/.json event lines, .msgpack/.mpk event stream."""
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix in JSONL_SUFFIXES:
+    kind = _kind(path)
+    if kind == "jsonl":
         return _events_to_log(_read_jsonl(path))
-    if suffix in MSGPACK_SUFFIXES:
+    if kind == "msgpack":
         return _events_to_log(_read_msgpack(path))
     return _read_sequences(path)
+
+
+def _kind(path: Path) -> str:
+    """The format from the extension, else from the first byte: '{' JSON, a map header msgpack."""
+    suffix = path.suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        return "jsonl"
+    if suffix in MSGPACK_SUFFIXES:
+        return "msgpack"
+    if suffix == ".txt":
+        return "sequences"
+    with open(path, "rb") as f:
+        head = f.read(64).lstrip()
+    if head[:1] == b"{":
+        return "jsonl"
+    if head[:1] and (0x80 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF)):
+        return "msgpack"
+    return "sequences"
 
 
 def _read_sequences(path: Path) -> Log:

@@ -16,6 +16,8 @@ import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Streaming real-time recommendations for online shops (Kafka in, lists out).")
+TUNING_USERS = 512  # user vectors the ANN index's nprobe is tuned on
+
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: end-to-end throughput and latency.")
 app.add_typer(bench_app, name="bench")
 
@@ -71,7 +73,7 @@ def train(data: Path = typer.Option(..., exists=True, dir_okay=False, help="Even
     try:
         artifact = write_model_dir(out, lambda tmp: train_model(
             data, cfg, out_dir=tmp, progress=progress,
-            attributes=load_attributes(attributes) if attributes else None))
+            attributes=load_attributes(attributes) if attributes else None), users_for_tuning=data)
     except ValueError as exc:
         _fail(str(exc))
     m = artifact.metadata.get("metrics", {})
@@ -79,19 +81,27 @@ def train(data: Path = typer.Option(..., exists=True, dir_okay=False, help="Even
     typer.echo(json.dumps(m, indent=None, default=float))
 
 
-def write_model_dir(out: Path, train_into):
+def write_model_dir(out: Path, train_into, users_for_tuning=None):
     """Train into a temporary sibling, add the item index, then rename into place.
 
-    A worker watching ``out`` (or its parent) never sees a half-written model.
+    A worker watching ``out`` (or its parent) never sees a half-written model. Above the
+    exact-search size the ANN index is tuned on real user vectors (``users_for_tuning``: a
+    log or its path), which sit elsewhere in the space than item vectors do.
     """
-    from index.item_index import ItemIndex
+    from index.item_index import EXACT_MAX_ITEMS, ItemIndex
+    from model.data import load_log
     from stream.recommender import INDEX_FILE
 
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     artifact = train_into(tmp)
-    ItemIndex.build(artifact.item_embeddings()).save(tmp / INDEX_FILE)
+    vectors = artifact.item_embeddings()
+    tuning = None
+    if users_for_tuning is not None and len(vectors) > EXACT_MAX_ITEMS:
+        log = users_for_tuning if isinstance(users_for_tuning, dict) else load_log(users_for_tuning)
+        tuning = artifact.encode(list(log.values())[:TUNING_USERS])
+    ItemIndex.build(vectors, tuning_queries=tuning).save(tmp / INDEX_FILE)
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(old)

@@ -64,6 +64,19 @@ def test_ann_kinds_reach_high_recall(kind):
         assert index.info.nlist == item_index_module.ivf_nlist(3000)
 
 
+def test_ivf_tuned_on_given_user_vectors_keeps_recall_for_them():
+    """Encoder outputs need not look like items; tuning on a sample of them must cover them."""
+    vectors, _ = clustered(3000)
+    rng = np.random.default_rng(11)
+    away = -vectors.mean(axis=0)  # users pointing away from the item cloud, as trained ones can
+    users = (away + 2.0 * rng.standard_normal((400, DIM))).astype(np.float32)
+    index = ItemIndex.build(vectors, kind="ivf", tuning_queries=users[:200])
+    _, rows = index.search(users[200:], 100)
+    assert recall_at_k(rows, exact_top(vectors, users[200:], 100)) >= 0.97
+    with pytest.raises(ValueError, match="tuning_queries"):
+        ItemIndex.build(vectors, kind="ivf", tuning_queries=users[:, :4])
+
+
 def test_fewer_items_than_k_pads_with_minus_one():
     vectors, _ = clustered(5)
     scores, rows = ItemIndex.build(vectors).search(vectors[:2], 8)

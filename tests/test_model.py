@@ -50,6 +50,14 @@ def test_load_msgpack(tmp_path):
     assert load_log(p) == load_log(_jsonl(tmp_path, events()))
 
 
+def test_load_sniffs_unknown_extension(tmp_path):
+    (tmp_path / "a.log").write_text("\n".join(json.dumps(e) for e in events()))
+    (tmp_path / "b.bin").write_bytes(b"".join(msgpack.packb(e) for e in events()))
+    (tmp_path / "c.dat").write_text("7 1 2 3\n")
+    assert load_log(tmp_path / "a.log") == load_log(tmp_path / "b.bin") == load_log(_jsonl(tmp_path, events()))
+    assert load_log(tmp_path / "c.dat") == {"7": [("1", None, None), ("2", None, None), ("3", None, None)]}
+
+
 def _jsonl(tmp_path, evs):
     p = tmp_path / "same.jsonl"
     p.write_text("\n".join(json.dumps(e) for e in evs))
@@ -180,7 +188,8 @@ def test_artifact_round_trip(trained):
 
 
 def test_max_minutes_stops_cleanly(tmp_path):
-    cfg = TrainConfig(encoder=EncoderConfig(dim=16, n_layers=1, max_len=10), epochs=1000, max_minutes=0.02)
+    cfg = TrainConfig(encoder=EncoderConfig(dim=16, n_layers=1, max_len=10), epochs=1000, patience=1000,
+                      max_minutes=0.02)
     artifact = train(chain_log(100, 30), cfg, tmp_path, progress=False)
     assert artifact.metadata["stopped"] == "max_minutes"
     assert artifact.metadata["epochs_run"] < 1000
