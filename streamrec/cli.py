@@ -235,6 +235,25 @@ def lag(broker: str = typer.Option(..., help="Kafka bootstrap HOST:PORT."),
 
 
 @app.command()
+def generate(out: Path = typer.Option(..., help="Events file to write (JSON lines, contract schema)."),
+             users: int = typer.Option(2000), items: int = typer.Option(600), seed: int = typer.Option(0),
+             attributes: Optional[Path] = typer.Option(None, help="Also write item -> attributes JSON here.")):
+    """Write synthetic shop traffic (categories, power-law popularity, sessions, funnel) as a log."""
+    from streamrec.synthetic import ShopSpec, catalogue
+    from streamrec.synthetic import generate as synthesize
+
+    spec = ShopSpec(users=users, items=items, seed=seed)
+    events = synthesize(spec)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as f:
+        for e in events:
+            f.write(json.dumps({"v": 1, **e}) + "\n")
+    if attributes:
+        attributes.write_text(json.dumps(catalogue(spec)))
+    typer.echo(f"{len(events):,} events of {users:,} users over {items:,} items -> {out}")
+
+
+@app.command()
 def demo(data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
                                              help="Use this event log instead of synthetic traffic."),
          users: int = typer.Option(2000, help="Synthetic shop: users."),

@@ -13,7 +13,7 @@ from aiokafka import AIOKafkaConsumer
 
 from model.train import TrainConfig, train
 from stream.broker import free_port
-from stream.events import EVENTS_TOPIC, ITEMS_TOPIC, encode_event, encode_item
+from stream.events import DLQ_TOPIC, EVENTS_TOPIC, ITEMS_TOPIC, decode_dead_letter, encode_item
 from stream.lag import lag_snapshot
 from stream.replay import replay
 from streamrec import harness
@@ -94,6 +94,9 @@ async def test_catalogue_stock_removal_boost_and_new_items(broker, worker, tiny_
         assert "brand-new-item" in after, after
     finally:
         await collector.stop()
+    dead = [decode_dead_letter(r.value) for r in await read_all(broker.bootstrap, DLQ_TOPIC)]
+    assert [(d["key"], d["topic"]) for d in dead if d["key"] == b"bad-item"] == [(b"bad-item", ITEMS_TOPIC)]
+    assert next(d for d in dead if d["key"] == b"bad-item")["reason"].startswith("in_stock must be a boolean")
 
 
 async def test_hot_swap_names_the_new_version_and_loses_no_list(broker, worker, models_root, tiny_shop):
