@@ -38,6 +38,12 @@ def broker(port: int = typer.Option(9092, help="Loopback port to listen on."),
     """Run the embedded Kafka-protocol broker (Tansu, memory storage) in the foreground."""
     from stream.broker import EmbeddedBroker
 
+    import signal
+
+    def stop_on_sigterm(*_):  # `kill` must not orphan the broker process
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     b = EmbeddedBroker(port=port, host=host).start()
     typer.echo(f"broker listening on {b.bootstrap} (memory storage; Ctrl-C to stop)")
     try:
