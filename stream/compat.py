@@ -14,6 +14,10 @@ Measured against Apache Kafka semantics:
 * No transactions: the worker runs at-least-once and its state updates are idempotent.
 * Unknown topics are auto-created with 4 partitions: :func:`ensure_topics` creates every
   topic we use explicitly, with the partition count we want.
+* A parked Fetch (long poll) is not answered when new records arrive: under steady traffic
+  records wait up to about half of ``fetch_max_wait_ms`` (measured: p50 400 ms, p99 750 ms
+  at Faust's hard-coded 1500 ms; p50 33 ms at 100 ms). :func:`patch_faust_fetch_wait`
+  shortens the wait. On Kafka a short wait only costs a few more empty fetch round trips.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ FAST_GROUP_SETTINGS = dict(broker_session_timeout=6.0, broker_heartbeat_interval
                            broker_rebalance_timeout=6.0)
 
 HIGH_WATERMARK_TIMEOUT_S = 10.0
+FETCH_MAX_WAIT_MS = 50
 
 
 async def high_watermarks(bootstrap: str, tps: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
@@ -121,3 +126,20 @@ def _bootstrap_of(consumer: AIOKafkaConsumer) -> list[tuple[str, int]]:
         host, _, port = server.rpartition(":")
         out.append((host, int(port)))
     return out
+
+
+def patch_faust_fetch_wait(max_wait_ms: int = FETCH_MAX_WAIT_MS) -> None:
+    """Faust builds its consumer with ``fetch_max_wait_ms=1500``; use ``max_wait_ms`` instead."""
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    original = getattr(AIOKafkaConsumerThread, "_streamrec_original_create", None)
+    if original is None:
+        original = AIOKafkaConsumerThread._create_worker_consumer
+        AIOKafkaConsumerThread._streamrec_original_create = original
+
+    def _create_worker_consumer(self, transport):
+        consumer = original(self, transport)
+        consumer._fetch_max_wait_ms = max_wait_ms  # read when the consumer starts its fetcher
+        return consumer
+
+    AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer

@@ -16,6 +16,7 @@ from typing import Callable, Iterable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from stream.compat import FETCH_MAX_WAIT_MS
 from stream.events import RECOMMENDATIONS_TOPIC, decode_recommendations, encode_event
 
 PRODUCE_CHUNK = 2000
@@ -101,7 +102,8 @@ class ListCollector:
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(self.topic, bootstrap_servers=self.bootstrap,
-                                          auto_offset_reset="earliest", enable_auto_commit=False)
+                                          auto_offset_reset="earliest", enable_auto_commit=False,
+                                          fetch_max_wait_ms=FETCH_MAX_WAIT_MS)
         await self._consumer.start()
         self._task = asyncio.create_task(self._run())
 
