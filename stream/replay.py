@@ -382,11 +382,15 @@ async def _follow_lists(bootstrap: str, topic: str, evaluation: Evaluation, read
             await asyncio.sleep(TOPIC_WAIT_S)
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
         if start_at_end:
-            for tp, end in (await high_watermarks(bootstrap, tps)).items():
-                consumer.seek(tp, end)
-        else:
-            await consumer.seek_to_beginning(*tps)
+            # Lists published before the replay count too (a user's list "just before" an
+            # event may be old): catch up to the current end before the first event is sent.
+            ends = await high_watermarks(bootstrap, tps)
+            while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
+                for records in (await consumer.getmany(timeout_ms=100)).values():
+                    for record in records:
+                        evaluation.on_list(record.value)
         ready.set()
         while True:
             batches = await consumer.getmany(timeout_ms=100)
