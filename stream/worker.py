@@ -25,9 +25,8 @@ from aiokafka.errors import KafkaError
 import numpy as np
 from faust.streams import _current_event
 
-from index.catalogue import Catalogue
 from index.rerank import RerankConfig
-from index.trending import Trending, event_weights
+from index.trending import event_weights
 from stream import compat
 from stream.events import (DLQ_TOPIC, EVENTS_TOPIC, ITEMS_TOPIC, RECOMMENDATIONS_TOPIC, InvalidMessage,
                            decode_event, decode_item, encode_dead_letter, encode_recommendations)
@@ -127,7 +126,6 @@ def create_app(settings: WorkerSettings, recommender: Recommender, metrics=None)
     catalogue_updates: list = []   # applied between batches, never while a batch reads the catalogue
     stats = {"events": 0, "dlq": 0, "published": 0, "batches": 0,
              "seconds": dict.fromkeys(("state", "encode", "search", "rerank", "publish"), 0.0)}
-    app.streamrec_stats = stats
 
     async def dead_letter(message, reason: str) -> None:
         stats["dlq"] += 1
