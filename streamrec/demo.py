@@ -82,10 +82,11 @@ def run_demo(options: DemoOptions) -> dict:
             harness.stop_worker(worker)
     summary["model"] = json.loads((model_dir / "metadata.json").read_text()).get("metrics", {}).get("test", {})
     summary["wall_seconds"] = round(time.time() - started, 1)
-    summary["workdir"] = str(workdir)
-    print_summary(summary, console)
     if options.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        summary["workdir"] = str(workdir)  # model, broker and worker logs are kept there
+    print_summary(summary, console)
     return summary
 
 
