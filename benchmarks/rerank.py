@@ -1,6 +1,6 @@
 """What the rerank stage costs in accuracy and buys in diversity, offline on Beauty.
 
-    python benchmarks/rerank.py --model DIR [--data /work/shared/data/Beauty.txt]
+    python benchmarks/rerank.py --model DIR [--data ../shared/data/Beauty.txt]
         [--split test] [--sweep] [--cold-start]
 
 The serving path, replayed: encode each user's leave-one-out input (all but the last event
@@ -35,7 +35,7 @@ from index.rerank import Reranker, RerankConfig, UserContext
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DATA = Path("/work/shared/data/Beauty.txt")
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "Beauty.txt"  # ../shared beside the checkout
 CANDIDATES = 200
 EVAL_K = 10
 ENCODE_BATCH = 1024

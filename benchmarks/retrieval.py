@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -180,7 +181,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["exact", "ivf", "ivf-ip", "hnsw", "auto"], choices=METHODS)
     parser.add_argument("--threads", type=int, default=0, help="FAISS threads (0 = FAISS default)")
     parser.add_argument("--model", help="use this trained model's item embeddings and user vectors instead")
-    parser.add_argument("--data", default="/work/shared/data/Beauty.txt", help="log whose users --model encodes")
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "Beauty.txt"),
+                        help="log whose users --model encodes")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
