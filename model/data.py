@@ -106,6 +106,11 @@ def _read_msgpack(path: Path):
             raise ValueError(f"{path}:{n + 1}: truncated msgpack object at byte {unpacker.tell()}")
 
 
+def log_from_events(events) -> Log:
+    """Contract event maps (e.g. a synthetic shop, or a log already in memory) -> Log."""
+    return _events_to_log((f"event {n}", e) for n, e in enumerate(events, 1))
+
+
 def _events_to_log(events) -> Log:
     """Group contract events by user and sort each user by ts (stable for ties)."""
     log: dict[str, list[tuple[float, str, str]]] = {}

@@ -9,6 +9,8 @@ that produced it.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +19,11 @@ import numpy as np
 
 from index.catalogue import Catalogue
 from index.cold_start import AttributeEmbedder
-from index.item_index import ItemIndex
+from index.item_index import EXACT_MAX_ITEMS, ItemIndex
 from index.rerank import Reranker, RerankConfig, UserContext
 from index.trending import Trending
 from model.artifact import METADATA, ModelArtifact
+from model.data import load_log
 from stream.state import UserState
 
 log = logging.getLogger(__name__)
@@ -28,6 +31,7 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "items.faiss"
 CANDIDATES_PER_K = 10       # FAISS candidates fetched per list slot, before filters and diversity
 MIN_CANDIDATES = 100
+TUNING_USERS = 512          # user vectors the ANN index's nprobe is tuned on
 REFIT_GROWTH = 1.2          # refit the attribute embedder when the catalogue grew by 20%
 
 
@@ -42,6 +46,34 @@ def resolve_model_dir(path: str | Path) -> Path:
         if versions:
             return versions[-1].resolve()
     raise FileNotFoundError(f"no model directory at {path} (expected {METADATA} there or in a subfolder)")
+
+
+def write_model_dir(out: Path, train_into, users_for_tuning=None):
+    """Train into a temporary sibling, add the item index, then rename into place.
+
+    A worker watching ``out`` (or its parent) never sees a half-written model. Above the
+    exact-search size the ANN index is tuned on real user vectors (``users_for_tuning``: a
+    log or its path), which sit elsewhere in the space than item vectors do.
+    """
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    artifact = train_into(tmp)
+    vectors = artifact.item_embeddings()
+    tuning = None
+    if users_for_tuning is not None and len(vectors) > EXACT_MAX_ITEMS:
+        log = users_for_tuning if isinstance(users_for_tuning, dict) else load_log(users_for_tuning)
+        tuning = artifact.encode(list(log.values())[:TUNING_USERS])
+    ItemIndex.build(vectors, tuning_queries=tuning).save(tmp / INDEX_FILE)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out)
+    return artifact
 
 
 def read_version(model_dir: Path) -> str:

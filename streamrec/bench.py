@@ -70,12 +70,11 @@ def _last_stage_line(log: Path) -> str | None:
 
 
 def _train(events: list[dict], workdir: Path, epochs: int) -> Path:
+    from model.data import log_from_events
     from model.train import TrainConfig, train
-    from streamrec.cli import write_model_dir
+    from stream.recommender import write_model_dir
 
-    log: dict[str, list] = {}
-    for e in events:
-        log.setdefault(e["user_id"], []).append((e["item_id"], e["type"], e["ts"]))
+    log = log_from_events(events)
     out = workdir / "model"
     write_model_dir(out, lambda tmp: train(log, TrainConfig(epochs=epochs), out_dir=tmp, progress=False))
     return out

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -16,8 +14,6 @@ import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Streaming real-time recommendations for online shops (Kafka in, lists out).")
-TUNING_USERS = 512  # user vectors the ANN index's nprobe is tuned on
-
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: end-to-end throughput and latency.")
 app.add_typer(bench_app, name="bench")
 
@@ -70,6 +66,7 @@ def train(data: Path = typer.Option(..., exists=True, dir_okay=False, help="Even
     from model.data import load_attributes
     from model.train import TrainConfig
     from model.train import train as train_model
+    from stream.recommender import write_model_dir
 
     cfg = TrainConfig(seed=seed)
     if epochs is not None:
@@ -85,38 +82,6 @@ def train(data: Path = typer.Option(..., exists=True, dir_okay=False, help="Even
     m = artifact.metadata.get("metrics", {})
     typer.echo(f"model {artifact.version} -> {out}")
     typer.echo(json.dumps(m, indent=None, default=float))
-
-
-def write_model_dir(out: Path, train_into, users_for_tuning=None):
-    """Train into a temporary sibling, add the item index, then rename into place.
-
-    A worker watching ``out`` (or its parent) never sees a half-written model. Above the
-    exact-search size the ANN index is tuned on real user vectors (``users_for_tuning``: a
-    log or its path), which sit elsewhere in the space than item vectors do.
-    """
-    from index.item_index import EXACT_MAX_ITEMS, ItemIndex
-    from model.data import load_log
-    from stream.recommender import INDEX_FILE
-
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    artifact = train_into(tmp)
-    vectors = artifact.item_embeddings()
-    tuning = None
-    if users_for_tuning is not None and len(vectors) > EXACT_MAX_ITEMS:
-        log = users_for_tuning if isinstance(users_for_tuning, dict) else load_log(users_for_tuning)
-        tuning = artifact.encode(list(log.values())[:TUNING_USERS])
-    ItemIndex.build(vectors, tuning_queries=tuning).save(tmp / INDEX_FILE)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(out)
-    return artifact
 
 
 @app.command("eval")

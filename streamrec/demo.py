@@ -91,12 +91,11 @@ def run_demo(options: DemoOptions) -> dict:
 
 
 def train_demo_model(history: list[dict], workdir: Path, minutes: float, console: Console) -> Path:
+    from model.data import log_from_events
     from model.train import TrainConfig, train
-    from streamrec.cli import write_model_dir
+    from stream.recommender import write_model_dir
 
-    log: dict[str, list] = {}
-    for e in history:
-        log.setdefault(e["user_id"], []).append((e["item_id"], e["type"], e["ts"]))
+    log = log_from_events(history)
     t0 = time.time()
     out = workdir / "models" / "demo"
     artifact = write_model_dir(out, lambda tmp: train(log, TrainConfig(max_minutes=minutes), out_dir=tmp))

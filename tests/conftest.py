@@ -28,20 +28,18 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_shop():
     """A small synthetic shop log (contract events) and its training log."""
+    from model.data import log_from_events
     from streamrec.synthetic import ShopSpec, generate
 
     events = generate(ShopSpec(users=300, items=120, categories=6, seed=7))
-    log: dict[str, list] = {}
-    for e in events:
-        log.setdefault(e["user_id"], []).append((e["item_id"], e["type"], e["ts"]))
-    return events, log
+    return events, log_from_events(events)
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, tiny_shop) -> Path:
     """A model directory (weights, vocab, FAISS index) trained for a few epochs on ``tiny_shop``."""
     from model.train import TrainConfig, train
-    from streamrec.cli import write_model_dir
+    from stream.recommender import write_model_dir
 
     out = tmp_path_factory.mktemp("models") / "tiny"
     write_model_dir(out, lambda tmp: train(tiny_shop[1], TrainConfig(epochs=2, seed=0), out_dir=tmp,

@@ -17,7 +17,7 @@ from stream.events import DLQ_TOPIC, EVENTS_TOPIC, ITEMS_TOPIC, decode_dead_lett
 from stream.lag import lag_snapshot
 from stream.replay import replay
 from streamrec import harness
-from streamrec.cli import write_model_dir
+from stream.recommender import write_model_dir
 from streamrec.synthetic import ShopSpec, catalogue
 
 pytestmark = pytest.mark.integration
