@@ -149,10 +149,6 @@ class Recommender:
         self._pending: ServingModel | None = None
         self.timings: dict[str, float] = {}
 
-    @property
-    def version(self) -> str:
-        return self.model.version
-
     # --- hot-swap: poll (any thread), then swap on the loop between batches
     def poll_for_new_version(self) -> bool:
         """Load a newer model directory if one appeared; returns True when one is pending."""
