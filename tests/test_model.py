@@ -149,7 +149,7 @@ def trained(tmp_path_factory):
     log = chain_log()
     out = tmp_path_factory.mktemp("model")
     cfg = TrainConfig(encoder=EncoderConfig(dim=32, n_layers=1, max_len=20, dropout=0.1, emb_dropout=0.1),
-                      epochs=8, batch_size=64, lr=3e-3, warmup_steps=10, patience=20, max_minutes=1.0)
+                      epochs=20, batch_size=64, lr=3e-3, warmup_steps=10, patience=20, max_minutes=1.0)
     artifact = train(log, cfg, out, progress=False)
     return log, out, artifact
 
