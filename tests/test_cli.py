@@ -22,8 +22,9 @@ def shop_log(tmp_path_factory, tiny_shop):
 def test_train_then_eval_reproduces_the_saved_metrics(shop_log, tmp_path):
     out = tmp_path / "model"
     result = runner.invoke(app, ["train", "--data", str(shop_log), "--out", str(out), "--epochs", "2",
-                                 "--no-progress"])
+                                 "--dim", "32", "--no-progress"])
     assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["dim"] == 32
     assert {"model.safetensors", "config.json", "vocab.json", "metadata.json", "items.faiss",
             "metrics.json", "training_curve.png"} <= {p.name for p in out.iterdir()}
     saved = json.loads((out / "metadata.json").read_text())["metrics"]["test"]
