@@ -53,7 +53,8 @@ def broker(port: int = typer.Option(9092, help="Loopback port to listen on."),
 @app.command()
 def train(data: Path = typer.Option(..., exists=True, dir_okay=False, help="Event log or sequence file."),
           out: Path = typer.Option(..., help="Model directory to write (replaced atomically)."),
-          epochs: Optional[int] = typer.Option(None, help="Upper bound on epochs (default: the recipe's)."),
+          epochs: Optional[int] = typer.Option(
+              None, help="Epochs; the learning rate decays to 0 over them (default: the recipe's 10)."),
           max_minutes: Optional[float] = typer.Option(None, help="Wall-clock cap on training."),
           dim: Optional[int] = typer.Option(
               None, help="Embedding width (default: the recipe's 256). Smaller serves faster; "
