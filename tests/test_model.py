@@ -128,6 +128,19 @@ def test_user_vector_does_not_depend_on_left_padding():
     assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_item_vector_adds_the_mean_of_its_attribute_vectors():
+    enc = SequenceEncoder(EncoderConfig(n_items=4, n_attributes=5, max_attrs=3, dim=8))
+    enc.item_attrs.copy_(torch.tensor([[0, 0, 0], [1, 2, 3], [4, 0, 0], [0, 0, 0], [5, 5, 0]]))
+    v, item, attr = enc.item_vectors(), enc.item_emb.weight, enc.attr_emb.weight
+    assert torch.allclose(v[1], item[1] + attr[[1, 2, 3]].mean(0), atol=1e-6)
+    assert torch.allclose(v[2], item[2] + attr[4], atol=1e-6)
+    assert torch.allclose(v[3], item[3])  # no attributes: the item's own vector
+    assert torch.allclose(v[4], item[4] + attr[5], atol=1e-6)
+    v[1].sum().backward()  # attributes learn through the items that carry them
+    assert enc.attr_emb.weight.grad[[1, 2, 3]].abs().sum() > 0
+    assert enc.attr_emb.weight.grad[[4, 5]].abs().sum() == 0
+
+
 # ----------------------------------------------------------------------------- training
 
 def chain_log(n_users=300, n_items=60, seed=0):
