@@ -21,6 +21,7 @@ from pathlib import Path
 from model.data import load_log
 from model.evaluate import evaluate_popularity
 from model.train import TrainConfig, train
+from shared_data import SHARED_DATA
 
 # (HR@10, NDCG@10) on the same files, full ranking; README of the data and the papers it cites.
 PUBLISHED = {
@@ -31,11 +32,10 @@ METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20")
 
 
 def main() -> None:
-    here = Path(__file__).resolve().parent
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", nargs="+", default=["Beauty", "Sports_and_Outdoors"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--data-dir", type=Path, default=here.parent.parent / "shared" / "data")
+    p.add_argument("--data-dir", type=Path, default=SHARED_DATA)
     p.add_argument("--out", type=Path, default=Path("runs/quality"))
     p.add_argument("--popularity", action="store_true", help="also evaluate the most-popular baseline")
     args = p.parse_args()

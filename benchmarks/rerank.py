@@ -32,10 +32,11 @@ from index.cold_start import AttributeEmbedder
 from index.item_index import ItemIndex
 from index import rerank as rerank_module
 from index.rerank import Reranker, RerankConfig, UserContext
+from shared_data import SHARED_DATA
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "Beauty.txt"  # ../shared beside the checkout
+DEFAULT_DATA = SHARED_DATA / "Beauty.txt"
 CANDIDATES = 200
 EVAL_K = 10
 ENCODE_BATCH = 1024

@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from pathlib import Path
 
 import faiss
 import numpy as np
 
 from index import item_index as item_index_module
 from index.item_index import ItemIndex, recall_at_k
+from shared_data import SHARED_DATA
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["exact", "ivf", "ivf-ip", "hnsw", "auto"], choices=METHODS)
     parser.add_argument("--threads", type=int, default=0, help="FAISS threads (0 = FAISS default)")
     parser.add_argument("--model", help="use this trained model's item embeddings and user vectors instead")
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "Beauty.txt"),
+    parser.add_argument("--data", default=str(SHARED_DATA / "Beauty.txt"),
                         help="log whose users --model encodes")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")

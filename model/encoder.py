@@ -116,28 +116,28 @@ class SequenceEncoder(nn.Module):
             if module.padding_idx is not None:
                 nn.init.zeros_(module.weight[module.padding_idx])
 
-    def item_vectors(self) -> torch.Tensor:
-        """[n_items + 1, dim]: the input embeddings and the output scoring vectors (tied)."""
-        w = self.item_emb.weight
+    def item_vectors(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The input embeddings and the output scoring vectors (tied): all [n_items + 1, dim]
+        rows, or only those of `ids` (any shape; encoding a batch needs no more than that)."""
+        w = self.item_emb.weight if ids is None else self.item_emb(ids)
         if self.cfg.n_attributes:
             # Mean of each item's attribute vectors, as a bag over the non-padding ids only: the
-            # padded [items, max_attrs, dim] gather cost ~2x an epoch where some item has many
-            # attributes (Sports: up to 37, mean 6).
-            attrs = self.item_attrs
+            # padded [items, max_attrs, dim] gather made a Sports epoch 3x slower (items with up
+            # to 37 attributes, mean 6).
+            attrs = self.item_attrs if ids is None else self.item_attrs[ids.reshape(-1)]
             keep = attrs > 0
             counts = keep.sum(1)
             offsets = torch.cumsum(counts, 0) - counts
-            w = w + F.embedding_bag(attrs[keep], self.attr_emb.weight, offsets, mode="mean")
+            w = w + F.embedding_bag(attrs[keep], self.attr_emb.weight, offsets, mode="mean").view(w.shape)
         return w
 
     def forward(self, items, types=None, gaps=None, item_vecs=None):
         """items/types/gaps: [B, L] int64, left-padded with 0. Returns [B, L, dim]."""
         B, L = items.shape
         assert L <= self.cfg.max_len, f"sequence length {L} > max_len {self.cfg.max_len}"
-        if item_vecs is None:
-            item_vecs = self.item_vectors()
         pos = torch.arange(self.cfg.max_len - L, self.cfg.max_len, device=items.device)
-        x = F.embedding(items, item_vecs) + self.pos_emb(pos)
+        x = self.item_vectors(items) if item_vecs is None else F.embedding(items, item_vecs)
+        x = x + self.pos_emb(pos)
         if types is not None:
             x = x + self.type_emb(types)
         if gaps is not None:

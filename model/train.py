@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -154,7 +155,7 @@ def train(log: Log | str | Path, cfg: TrainConfig | None = None, out_dir: str | 
     opt = torch.optim.Adam(encoder.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
     deadline = t_start + 60 * cfg.max_minutes
     t_loop = time.time()
-    total_steps = cfg.epochs * len(length_batches(lengths, cfg.batch_size, np.random.default_rng(0)))
+    total_steps = cfg.epochs * math.ceil(len(lengths) / cfg.batch_size)  # length_batches' count
 
     def lr_factor(step: int) -> float:
         """Warmup, then linear decay to 0 at the end of the budget: the epochs or the minutes,

@@ -62,8 +62,8 @@ def write_model_dir(out: Path, train_into, users_for_tuning=None):
     vectors = artifact.item_embeddings()
     tuning = None
     if users_for_tuning is not None and len(vectors) > EXACT_MAX_ITEMS:
-        log = users_for_tuning if isinstance(users_for_tuning, dict) else load_log(users_for_tuning)
-        tuning = artifact.encode(list(log.values())[:TUNING_USERS])
+        users = users_for_tuning if isinstance(users_for_tuning, dict) else load_log(users_for_tuning)
+        tuning = artifact.encode(list(users.values())[:TUNING_USERS])
     ItemIndex.build(vectors, tuning_queries=tuning).save(tmp / INDEX_FILE)
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
