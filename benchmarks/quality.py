@@ -38,6 +38,8 @@ def main() -> None:
     p.add_argument("--data-dir", type=Path, default=SHARED_DATA)
     p.add_argument("--out", type=Path, default=Path("runs/quality"))
     p.add_argument("--popularity", action="store_true", help="also evaluate the most-popular baseline")
+    p.add_argument("--threads", type=int, default=TrainConfig.threads,
+                   help="torch threads per run (0: one per core); 1 lets two runs share a 2-core box")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -50,7 +52,7 @@ def main() -> None:
         for seed in args.seeds:
             out = args.out / ds / f"seed{seed}"
             t0 = time.time()
-            artifact = train(path, dataclasses.replace(TrainConfig(), seed=seed), out, progress=True)
+            artifact = train(path, dataclasses.replace(TrainConfig(), seed=seed, threads=args.threads), out, progress=True)
             test = artifact.metadata["metrics"]["test"]
             rows.append({"dataset": ds, "seed": seed, **test, "train_seconds": artifact.metadata["train_seconds"],
                          "best_epoch": artifact.metadata["best_epoch"], "epochs": artifact.metadata["epochs_run"],

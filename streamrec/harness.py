@@ -123,6 +123,9 @@ class ListCollector:
         while time.monotonic() < deadline:
             if predicate(self):
                 return True
+            if self._task is not None and self._task.done():
+                self._task.result()  # the reader died: raise its error rather than time out
+                raise RuntimeError("the list collector stopped reading")
             await asyncio.sleep(0.1)
         return predicate(self)
 

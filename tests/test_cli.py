@@ -43,6 +43,14 @@ def test_train_rejects_a_malformed_log_clearly(tmp_path):
     assert "bad.jsonl" in result.output
 
 
+def test_train_rejects_a_width_the_heads_do_not_divide(shop_log, tmp_path):
+    result = runner.invoke(app, ["train", "--data", str(shop_log), "--out", str(tmp_path / "m"),
+                                 "--dim", "50", "--no-progress"])
+    assert result.exit_code == 2
+    assert "multiple of n_heads" in result.output
+    assert not (tmp_path / "m").exists()
+
+
 @pytest.mark.integration
 def test_replay_then_lag_json(broker, shop_log):
     result = runner.invoke(app, ["replay", str(shop_log), "--broker", broker.bootstrap, "--topic", "cli-events",

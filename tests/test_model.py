@@ -121,6 +121,11 @@ def test_encoder_is_causal():
     assert not torch.allclose(h[0, 6:], h2[0, 6:])
 
 
+def test_width_must_split_into_heads():
+    with pytest.raises(ValueError, match="multiple of n_heads"):
+        EncoderConfig(dim=50, n_heads=4)
+
+
 def test_user_vector_does_not_depend_on_left_padding():
     enc = SequenceEncoder(EncoderConfig(n_items=20, max_len=8, dim=16)).eval()
     a = enc(torch.tensor([[3, 4, 5]]))[:, -1]

@@ -60,6 +60,15 @@ def last_event_ids(events) -> dict[str, str]:
     return {e["user_id"]: e["event_id"] for e in events}
 
 
+def stale_lists(collector, last: dict[str, str], events) -> str:
+    """Why a wait for current lists failed: the stale users, their listed vs last event."""
+    position = {e["event_id"]: n for n, e in enumerate(events)}
+    stale = [(u, collector.latest.get(u, {}).get("event_id"), i) for u, i in last.items()
+             if collector.latest.get(u, {}).get("event_id") != i]
+    shown = ", ".join(f"{u}: listed #{position.get(got)} of last #{position[want]}" for u, got, want in stale[:5])
+    return f"{len(stale)}/{len(last)} users stale after {collector.messages} lists ({shown})"
+
+
 def interleave(events, bad, every=97):
     """Good events with a malformed message after every ``every``-th one."""
     out, bad = [], list(bad)
@@ -156,7 +165,8 @@ async def test_kill_9_loses_no_list_and_no_state(broker, worker, tiny_shop, tiny
             await harness.wait_for_worker_ready(broker.bootstrap, log_path)
             await harness.produce(broker.bootstrap, EVENTS_TOPIC, harness.event_records(second))
             assert await collector.wait_for(
-                lambda c: all(c.latest.get(u, {}).get("event_id") == i for u, i in last.items()), LIST_TIMEOUT_S)
+                lambda c: all(c.latest.get(u, {}).get("event_id") == i for u, i in last.items()), LIST_TIMEOUT_S
+            ), stale_lists(collector, last, events) + "\n" + log_path.read_text()[-3000:]
         finally:
             harness.stop_worker(restarted)
     finally:
