@@ -60,12 +60,17 @@ def last_event_ids(events) -> dict[str, str]:
     return {e["user_id"]: e["event_id"] for e in events}
 
 
-def stale_lists(collector, last: dict[str, str], events) -> str:
+def stale_users(collector, last: dict[str, str]) -> list[str]:
+    """Users whose latest list is not for their last event."""
+    return [u for u, i in last.items() if collector.latest.get(u, {}).get("event_id") != i]
+
+
+def describe_stale(collector, last: dict[str, str], events) -> str:
     """Why a wait for current lists failed: the stale users, their listed vs last event."""
     position = {e["event_id"]: n for n, e in enumerate(events)}
-    stale = [(u, collector.latest.get(u, {}).get("event_id"), i) for u, i in last.items()
-             if collector.latest.get(u, {}).get("event_id") != i]
-    shown = ", ".join(f"{u}: listed #{position.get(got)} of last #{position[want]}" for u, got, want in stale[:5])
+    stale = stale_users(collector, last)
+    shown = ", ".join(f"{u}: listed #{position.get(collector.latest.get(u, {}).get('event_id'))} "
+                      f"of last #{position[last[u]]}" for u in stale[:5])
     return f"{len(stale)}/{len(last)} users stale after {collector.messages} lists ({shown})"
 
 
@@ -107,9 +112,8 @@ async def test_every_user_gets_a_current_list_and_bad_messages_go_to_dlq(broker,
     try:
         await harness.produce(broker.bootstrap, EVENTS_TOPIC, interleave(events, MALFORMED))
         last = last_event_ids(events)
-        assert await collector.wait_for(
-            lambda c: all(c.latest.get(u, {}).get("event_id") == i for u, i in last.items()), LIST_TIMEOUT_S
-        ), f"{sum(collector.latest.get(u, {}).get('event_id') == i for u, i in last.items())}/{len(last)} current"
+        assert await collector.wait_for(lambda c: not stale_users(c, last), LIST_TIMEOUT_S), \
+            describe_stale(collector, last, events)
     finally:
         await collector.stop()
 
@@ -164,9 +168,8 @@ async def test_kill_9_loses_no_list_and_no_state(broker, worker, tiny_shop, tiny
         try:
             await harness.wait_for_worker_ready(broker.bootstrap, log_path)
             await harness.produce(broker.bootstrap, EVENTS_TOPIC, harness.event_records(second))
-            assert await collector.wait_for(
-                lambda c: all(c.latest.get(u, {}).get("event_id") == i for u, i in last.items()), LIST_TIMEOUT_S
-            ), stale_lists(collector, last, events) + "\n" + log_path.read_text()[-3000:]
+            assert await collector.wait_for(lambda c: not stale_users(c, last), LIST_TIMEOUT_S), \
+                describe_stale(collector, last, events) + "\n" + log_path.read_text()[-3000:]
         finally:
             harness.stop_worker(restarted)
     finally:
