@@ -101,6 +101,7 @@ class EventContext:
 def create_app(settings: WorkerSettings, recommender: Recommender, metrics=None) -> faust.App:
     compat.patch_faust_recovery()
     compat.patch_faust_fetch_wait()
+    compat.patch_faust_resume_after_seek()
     app = faust.App(
         settings.group,
         broker=f"kafka://{settings.broker}",

@@ -95,6 +95,7 @@ class ListCollector:
     def __init__(self, bootstrap: str, topic: str = RECOMMENDATIONS_TOPIC):
         self.bootstrap, self.topic = bootstrap, topic
         self.latest: dict[str, dict] = {}
+        self.listed: set[str] = set()   # every event id a list was published for
         self.messages = 0
         self.latencies: list[float] = []
         self._consumer: AIOKafkaConsumer | None = None
@@ -115,6 +116,7 @@ class ListCollector:
                 for r in records:
                     msg = decode_recommendations(r.value)
                     self.latest[msg["user_id"]] = msg
+                    self.listed.add(msg["event_id"])
                     self.latencies.append(msg["produced_ts"] - msg["event_ts"])
                     self.messages += 1
 

@@ -85,3 +85,42 @@ async def test_committed_offsets_none_without_commit_then_exact(broker):
     finally:
         await consumer.stop()
     assert await compat.committed_offsets(broker.bootstrap, "compat-group", [tp]) == {tp: 123}
+
+
+async def test_faust_resumes_stream_partitions_only_after_the_seek_and_queue_clearing():
+    """Faust's own order (resume, seek, clear queues) loses the records fetched in between."""
+    from unittest.mock import AsyncMock, MagicMock
+
+    from faust.tables.recovery import Recovery
+
+    compat.patch_faust_resume_after_seek()
+    order: list[str] = []
+    stream_tp, changelog_tp = ("events", 0), ("changelog", 0)
+
+    class Consumer:  # what on_recovery_completed calls on Faust's consumer
+        def assignment(self):
+            return {stream_tp, changelog_tp}
+
+        async def perform_seek(self):
+            order.append("seek")
+
+        def resume_partitions(self, tps):
+            order.append(f"resume {sorted(tps)}")
+
+        def resume_flow(self):
+            pass
+
+    app = MagicMock(consumer=Consumer(), consumer_generation_id=3)
+    app.on_rebalance_complete.send = AsyncMock()
+    app._fetcher.maybe_start = AsyncMock()
+    app.flow_control.resume.side_effect = lambda: order.append("clear queues")
+    recovery = MagicMock(app=app, _is_changelog_tp=lambda tp: tp == changelog_tp)
+    recovery.tables.values.return_value = []
+
+    async def wait(coro, timeout=None):
+        await coro
+
+    recovery._wait = wait
+    await Recovery.on_recovery_completed(recovery, generation_id=3)
+    assert order == ["seek", "clear queues", f"resume {[stream_tp]}"]
+    assert "resume_partitions" not in vars(app.consumer)  # Faust's method is back

@@ -14,8 +14,9 @@ import signal
 
 import msgpack
 import pytest
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from stream import compat
 from stream.events import DLQ_TOPIC, EVENTS_TOPIC, decode_dead_letter, encode_event
 from streamrec import harness
 
@@ -70,8 +71,26 @@ def describe_stale(collector, last: dict[str, str], events) -> str:
     position = {e["event_id"]: n for n, e in enumerate(events)}
     stale = stale_users(collector, last)
     shown = ", ".join(f"{u}: listed #{position.get(collector.latest.get(u, {}).get('event_id'))} "
-                      f"of last #{position[last[u]]}" for u in stale[:5])
+                      f"of last #{position[last[u]]}"
+                      f"{' (listed earlier)' if last[u] in collector.listed else ''}" for u in stale[:5])
     return f"{len(stale)}/{len(last)} users stale after {collector.messages} lists ({shown})"
+
+
+async def describe_offsets(bootstrap: str, collector, last: dict[str, str]) -> str:
+    """Where the stale users' last events sit against the group's committed offsets."""
+    tps = [TopicPartition(EVENTS_TOPIC, p) for p in range(PARTITIONS)]
+    committed = await compat.committed_offsets(bootstrap, "streamrec", tps)
+    wanted = {last[u]: u for u in stale_users(collector, last)}
+    records = await read_topic(bootstrap, EVENTS_TOPIC, 10**9, timeout=5)
+    at = []
+    for r in records:
+        try:
+            event_id = msgpack.unpackb(r.value).get("event_id")
+        except Exception:  # the malformed messages of the DLQ test
+            continue
+        if event_id in wanted:
+            at.append(f"{wanted[event_id]}'s last event at {r.partition}/{r.offset}")
+    return f"committed {({tp.partition: o for tp, o in committed.items()})}; " + ", ".join(at[:5])
 
 
 def interleave(events, bad, every=97):
@@ -168,8 +187,10 @@ async def test_kill_9_loses_no_list_and_no_state(broker, worker, tiny_shop, tiny
         try:
             await harness.wait_for_worker_ready(broker.bootstrap, log_path)
             await harness.produce(broker.bootstrap, EVENTS_TOPIC, harness.event_records(second))
-            assert await collector.wait_for(lambda c: not stale_users(c, last), LIST_TIMEOUT_S), \
-                describe_stale(collector, last, events) + "\n" + log_path.read_text()[-3000:]
+            if not await collector.wait_for(lambda c: not stale_users(c, last), LIST_TIMEOUT_S):
+                pytest.fail("\n".join([describe_stale(collector, last, events),
+                                        await describe_offsets(broker.bootstrap, collector, last),
+                                        log_path.read_text()[-3000:]]))
         finally:
             harness.stop_worker(restarted)
     finally:
