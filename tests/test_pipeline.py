@@ -17,7 +17,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from stream import compat
-from stream.events import DLQ_TOPIC, EVENTS_TOPIC, decode_dead_letter, encode_event
+from stream.events import (DLQ_TOPIC, EVENTS_TOPIC, InvalidMessage, decode_dead_letter, decode_event,
+                           encode_event)
 from streamrec import harness
 
 pytestmark = pytest.mark.integration
@@ -85,8 +86,8 @@ async def describe_offsets(bootstrap: str, collector, last: dict[str, str]) -> s
     at = []
     for r in records:
         try:
-            event_id = msgpack.unpackb(r.value).get("event_id")
-        except Exception:  # the malformed messages of the DLQ test
+            event_id = decode_event(r.value).event_id
+        except InvalidMessage:  # the malformed messages of the DLQ test
             continue
         if event_id in wanted:
             at.append(f"{wanted[event_id]}'s last event at {r.partition}/{r.offset}")
