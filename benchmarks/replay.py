@@ -19,7 +19,7 @@ import msgpack
 import numpy as np
 
 from stream.broker import EmbeddedBroker
-from stream.compat import ensure_topics, high_watermarks
+from stream.compat import ensure_topics, log_end_offsets
 from stream.replay import load_events, replay
 from aiokafka import TopicPartition
 
@@ -55,7 +55,7 @@ async def run(args) -> None:
         with EmbeddedBroker() as broker:
             await ensure_topics(broker.bootstrap, {TOPIC: args.partitions})
             summary = await replay(path, broker.bootstrap, TOPIC, max_speed=True, progress=args.progress)
-            ends = await high_watermarks(broker.bootstrap, [TopicPartition(TOPIC, p) for p in range(args.partitions)])
+            ends = await log_end_offsets(broker.bootstrap, [TopicPartition(TOPIC, p) for p in range(args.partitions)])
         print(f"send    {summary.sent:,} events in {summary.duration_s:.2f} s ({summary.rate:,.0f} events/s), "
               f"{args.partitions} partitions; broker holds {sum(ends.values()):,}")
 

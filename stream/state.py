@@ -79,3 +79,87 @@ def coalesce_by_user(events: Iterable[tuple[ShopEvent, object]]) -> dict[str, li
     for pair in events:
         by_user.setdefault(pair[0].user_id, []).append(pair)
     return by_user
+
+
+class StateTable:
+    """Users' state rows in the Faust table's store, read and written a batch at a time.
+
+    The batch pipeline bypasses Faust's per-key table API (it needs a current event per key)
+    and writes the changelog itself. A row reaches the local store only once its changelog
+    record is durable -- acknowledged (at-least-once) or committed with its transaction
+    (exactly-once) -- so the store never holds state that the changelog lacks, and a restart
+    on the same disk recovers exactly what another worker would. Until then rows are *staged*
+    in memory, tagged with the batch that wrote them, and read from there.
+    """
+
+    def __init__(self, table):
+        self.table = table
+        self._staged: dict[bytes, tuple[int, int, bytes]] = {}   # key -> (batch, partition, value)
+
+    @property
+    def store(self):
+        return self.table.data
+
+    @property
+    def staged(self) -> int:
+        return len(self._staged)
+
+    def get_many(self, partition: int, keys: list[bytes]) -> list[bytes | None]:
+        out: list[bytes | None] = [None] * len(keys)
+        missing = []
+        for n, key in enumerate(keys):
+            row = self._staged.get(key)
+            if row is not None:
+                out[n] = row[2]
+            else:
+                missing.append(n)
+        if missing:
+            found = self._read(partition, [keys[n] for n in missing])
+            for n, value in zip(missing, found):
+                out[n] = value
+        return out
+
+    def _read(self, partition: int, keys: list[bytes]) -> list[bytes | None]:
+        store = self.store
+        if hasattr(store, "_db_for_partition"):  # RocksDB: one multi-get per partition
+            return store._db_for_partition(partition).get(keys)
+        return [store.data.get(key) for key in keys]
+
+    def stage(self, batch: int, partition: int, key: bytes, value: bytes) -> None:
+        self._staged[key] = (batch, partition, value)
+
+    def persist(self, upto_batch: int, changelog_offsets: dict[int, int]) -> int:
+        """Write rows staged by batches <= ``upto_batch`` to the store; returns how many.
+
+        ``changelog_offsets`` (partition -> offset of the last durable changelog record) become
+        the store's persisted offsets, from which Faust's recovery resumes after a restart.
+        """
+        by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
+        done = [key for key, (batch, _, _) in self._staged.items() if batch <= upto_batch]
+        for key in done:
+            _, partition, value = self._staged.pop(key)
+            by_partition.setdefault(partition, []).append((key, value))
+        store = self.store
+        if hasattr(store, "_db_for_partition"):
+            import rocksdict
+
+            for partition, rows in by_partition.items():
+                batch = rocksdict.WriteBatch(raw_mode=True)
+                for key, value in rows:
+                    batch.put(key, value)
+                store._db_for_partition(partition).write(batch)
+        else:
+            for partition, rows in by_partition.items():
+                store.data.update(rows)
+                store._key_partition.update((key, partition) for key, _ in rows)
+        if changelog_offsets:
+            from faust.types import TP
+
+            topic = self.table.changelog_topic.get_topic_name()
+            for partition, offset in changelog_offsets.items():
+                store.set_persisted_offset(TP(topic, partition), offset)
+        return len(done)
+
+    def discard(self) -> None:
+        """Forget staged rows (their batches will be processed again)."""
+        self._staged.clear()

@@ -1,11 +1,14 @@
-"""The Faust worker: for each micro-batch of shop events, update state, recommend, publish.
+"""The Faust worker: group membership, the user-state table, and the batch pipeline.
 
-    shop-events ─▶ decode/validate (bad ─▶ shop-events-dlq) ─▶ coalesce per user
-       ─▶ user-state table ─▶ encode + search + rerank (one batched call, off-loop)
-       ─▶ recommendations (one list per user per batch) ─▶ ack ─▶ offsets committed
+    shop-events ─▶ intake (record batches from Faust's fetcher) ─▶ stream/pipeline.py:
+       decode/validate (bad ─▶ shop-events-dlq) ─▶ coalesce per user ─▶ user-state table
+       ─▶ encode + search + rerank (recommend thread) ─▶ recommendations ─▶ commit
 
-Offsets are committed only after the batch's lists (and state changelog) are written, so a
-crash can repeat a list but never lose one (at-least-once; state updates are idempotent).
+Faust is the application: the worker's lifecycle, the consumer group (its assignor
+co-partitions ``shop-events`` with the state changelog), the state table's store and its
+recovery from the changelog after a restart or rebalance, the catalogue follower and timers.
+The events themselves skip Faust's per-message path (stream/intake.py); the pipeline
+commits their offsets -- through the group (at-least-once) or in transactions (exactly-once).
 """
 
 from __future__ import annotations
@@ -13,33 +16,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
-import weakref
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
-import numpy as np
-from faust.streams import _current_event
 
 from index.rerank import RerankConfig
-from index.trending import event_weights
-from stream import compat
+from stream import compat, intake as intake_module
+from stream.delivery import AT_LEAST_ONCE, EXACTLY_ONCE, GUARANTEES, AtLeastOnce, ExactlyOnce
 from stream.events import (DLQ_TOPIC, EVENTS_TOPIC, ITEMS_TOPIC, RECOMMENDATIONS_TOPIC, InvalidMessage,
-                           decode_event, decode_item, encode_dead_letter, encode_recommendations)
+                           decode_item, encode_dead_letter)
+from stream.intake import RecordIntake
+from stream.pipeline import BatchPipeline
 from stream.recommender import Recommender
-from stream.state import UserState, coalesce_by_user
+from stream.state import StateTable
 
 log = logging.getLogger(__name__)
 
 STATE_TABLE = "user-state"
 STATS_LOG_INTERVAL_S = 10.0
-BATCH_ATTEMPTS = 3
-BATCH_RETRY_BACKOFF_S = 1.0
-EXIT_BATCH_FAILED = 70
+INTAKE_BATCHES = 4        # records buffered ahead of the pipeline, in batches
 
 
 @dataclass
@@ -47,7 +45,7 @@ class WorkerSettings:
     broker: str
     model: Path
     group: str = "streamrec"
-    partitions: int = 4
+    partitions: int = 4             # used when shop-events does not exist yet; an existing topic's count wins
     max_batch: int = 512            # events per micro-batch (one encoder call, one FAISS search)
     batch_wait_s: float = 0.02      # how long a partial batch waits for more events
     store: str = "auto"             # "rocksdb", "memory" or "auto" (rocksdb when rocksdict imports)
@@ -57,6 +55,9 @@ class WorkerSettings:
     metrics_host: str = "127.0.0.1"  # 0.0.0.0 only inside a container, for Prometheus to scrape
     torch_threads: int = max(1, (os.cpu_count() or 2) - 1)  # leave a core to the event loop
     rerank: RerankConfig = field(default_factory=RerankConfig)
+    guarantee: str = AT_LEAST_ONCE
+    commit_interval_s: float = 0.1  # offsets (or transactions) committed at most this often
+    replication: int | None = None  # of the topics the worker creates; default min(3, brokers)
 
     @property
     def changelog_topic(self) -> str:
@@ -66,6 +67,18 @@ class WorkerSettings:
         """Every topic the worker uses, with its partition count (created up front)."""
         return {EVENTS_TOPIC: self.partitions, RECOMMENDATIONS_TOPIC: self.partitions,
                 DLQ_TOPIC: 1, ITEMS_TOPIC: 1, self.changelog_topic: self.partitions}
+
+    def topic_configs(self) -> dict[str, dict]:
+        """State and catalogue keep the newest value per key, forever."""
+        return {self.changelog_topic: {"cleanup.policy": "compact"}, ITEMS_TOPIC: {"cleanup.policy": "compact"}}
+
+
+class BrokerUnavailable(RuntimeError):
+    """The bootstrap address answers no Kafka protocol."""
+
+
+class GuaranteeUnsupported(RuntimeError):
+    """``exactly_once`` asked of a broker without transactions."""
 
 
 def store_url(choice: str) -> str:
@@ -78,30 +91,31 @@ def store_url(choice: str) -> str:
     return f"{choice}://"
 
 
-class EventContext:
-    """Points Faust's "current event" at ``event`` while a table key is written.
+async def prepare_broker(settings: WorkerSettings) -> compat.BrokerProfile:
+    """Detect the broker, check the guarantee, create the topics; settles partitions and replication."""
+    profile = await compat.broker_profile(settings.broker)
+    if settings.guarantee == EXACTLY_ONCE:
+        why = await compat.probe_transactions(settings.broker)
+        if why:
+            raise GuaranteeUnsupported(
+                f"--guarantee exactly_once needs a broker with transactions; {settings.broker} "
+                f"({profile.kind}) refused one ({why}). Use --guarantee at_least_once there.")
+    if settings.replication is None:
+        settings.replication = min(3, await compat.broker_count(settings.broker))
+    counts = await compat.ensure_topics(settings.broker, {EVENTS_TOPIC: settings.partitions},
+                                        replication=settings.replication)
+    if counts[EVENTS_TOPIC] != settings.partitions:
+        log.warning("%s has %d partitions: the state table and outputs follow it (not --partitions %d)",
+                    EVENTS_TOPIC, counts[EVENTS_TOPIC], settings.partitions)
+        settings.partitions = counts[EVENTS_TOPIC]
+    await compat.ensure_topics(settings.broker, settings.topics(), settings.topic_configs(),
+                               exact=[settings.changelog_topic], replication=settings.replication)
+    return profile
 
-    In a ``take_events`` batch, Faust's current event is the batch's last one, possibly from
-    another partition; a table write must go to the changelog partition (and RocksDB column)
-    of the event that caused it, i.e. the user's own partition.
-    """
 
-    __slots__ = ("event", "token")
-
-    def __init__(self, event):
-        self.event = event
-
-    def __enter__(self):
-        self.token = _current_event.set(weakref.ref(self.event))
-
-    def __exit__(self, *exc):
-        _current_event.reset(self.token)
-
-
-def create_app(settings: WorkerSettings, recommender: Recommender, metrics=None) -> faust.App:
-    compat.patch_faust_recovery()
-    compat.patch_faust_fetch_wait()
-    compat.patch_faust_resume_after_seek()
+def create_app(settings: WorkerSettings, recommender: Recommender, profile: compat.BrokerProfile,
+               metrics=None) -> faust.App:
+    compat.patch_faust(profile)
     app = faust.App(
         settings.group,
         broker=f"kafka://{settings.broker}",
@@ -109,31 +123,65 @@ def create_app(settings: WorkerSettings, recommender: Recommender, metrics=None)
         datadir=str(settings.data_dir),
         web_enabled=False,
         topic_partitions=settings.partitions,
-        topic_replication_factor=1,
+        topic_replication_factor=settings.replication or 1,
         key_serializer="raw",
         value_serializer="raw",
         consumer_auto_offset_reset="earliest",
-        processing_guarantee="at_least_once",
-        stream_buffer_maxsize=max(4096, 4 * settings.max_batch),
-        broker_commit_interval=1.0,
+        processing_guarantee="at_least_once",   # Faust's own; the pipeline implements --guarantee
         producer_linger=0.002,
-        **compat.FAST_GROUP_SETTINGS,
+        **profile.group_settings,
     )
     events = app.topic(EVENTS_TOPIC, partitions=settings.partitions, key_serializer="raw",
                        value_serializer="raw")
     table = app.Table(STATE_TABLE, default=None, partitions=settings.partitions,
                       key_type=bytes, value_type=bytes)
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recommend")
-    catalogue_updates: list = []   # applied between batches, never while a batch reads the catalogue
-    stats = {"events": 0, "dlq": 0, "published": 0, "batches": 0,
-             "seconds": dict.fromkeys(("state", "encode", "search", "rerank", "publish"), 0.0)}
+    intake = RecordIntake({EVENTS_TOPIC}, max_buffered=INTAKE_BATCHES * settings.max_batch)
+    intake_module.install(app, intake)
+    if settings.guarantee == EXACTLY_ONCE:
+        delivery = ExactlyOnce(settings.broker, settings.group, EVENTS_TOPIC,
+                               commit_interval_s=settings.commit_interval_s)
+    else:
+        async def commit_offsets(offsets: dict[TopicPartition, int]) -> bool:
+            from faust.types import TP
 
-    async def dead_letter(message, reason: str) -> None:
-        stats["dlq"] += 1
+            return await app.consumer._commit({TP(tp.topic, tp.partition): o for tp, o in offsets.items()})
+
+        delivery = AtLeastOnce(settings.broker, commit_offsets, idempotent=profile.kind == compat.KAFKA,
+                               commit_interval_s=settings.commit_interval_s)
+    catalogue_updates: list = []   # applied by the recommend thread between batches
+    pipeline = BatchPipeline(recommender=recommender, table=StateTable(table), delivery=delivery, intake=intake,
+                             changelog_topic=settings.changelog_topic, max_batch=settings.max_batch,
+                             batch_wait_s=settings.batch_wait_s, metrics=metrics,
+                             catalogue_updates=catalogue_updates)
+    app.pipeline = pipeline  # for tests and diagnostics
+
+    @app.agent(events, name="recommend")
+    async def subscribe_events(stream):
+        """Subscribes the group to shop-events and co-partitions the state table with it; the
+        records go to the batch pipeline through the intake, never to this agent."""
+        async for _ in stream:  # pragma: no cover - nothing is ever delivered here
+            pass
+
+    @app.task
+    async def run_pipeline():
+        await delivery.start()
+        await pipeline.run()
+
+    @app.on_partitions_revoked.connect
+    async def finish_before_revoke(sender, revoked, **kwargs):
+        await pipeline.drain()
+        await delivery.on_revoked([TopicPartition(tp.topic, tp.partition) for tp in revoked])
+
+    @app.on_partitions_assigned.connect
+    async def start_assigned(sender, assigned, **kwargs):
+        await delivery.on_assigned([TopicPartition(tp.topic, tp.partition) for tp in assigned])
+        pipeline.reopen()
+
+    async def dead_letter(record, reason: str) -> None:
         if metrics:
             metrics.count_dlq(reason.split(":")[0])
-        await app.producer.send(DLQ_TOPIC, message.key, encode_dead_letter(
-            message.value, reason, message.topic, message.partition, message.offset, message.key),
+        await app.producer.send(DLQ_TOPIC, record.key, encode_dead_letter(
+            record.value, reason, record.topic, record.partition, record.offset, record.key),
             None, None, None)
 
     @app.task
@@ -143,12 +191,12 @@ def create_app(settings: WorkerSettings, recommender: Recommender, metrics=None)
         Every worker needs the whole catalogue, so it is read outside the consumer group
         (all partitions, from the beginning) like a global table.
         """
+        partitions = (await compat.topic_partitions(settings.broker, [ITEMS_TOPIC]))[ITEMS_TOPIC]
         consumer = AIOKafkaConsumer(bootstrap_servers=settings.broker, group_id=None,
                                     enable_auto_commit=False, auto_offset_reset="earliest")
         await consumer.start()
         try:
-            partitions = consumer.partitions_for_topic(ITEMS_TOPIC) or {0}
-            consumer.assign([TopicPartition(ITEMS_TOPIC, p) for p in sorted(partitions)])
+            consumer.assign([TopicPartition(ITEMS_TOPIC, p) for p in partitions])
             async for record in consumer:
                 try:
                     catalogue_updates.append(decode_item(record.key, record.value))
@@ -157,95 +205,16 @@ def create_app(settings: WorkerSettings, recommender: Recommender, metrics=None)
         finally:
             await consumer.stop()
 
-    @app.agent(events, name="recommend")
-    async def recommend_agent(stream):
-        """For each batch of events: update state, encode, search, rerank, publish."""
-        loop = asyncio.get_running_loop()
-        async for batch in stream.take_events(settings.max_batch, within=settings.batch_wait_s):
-            apply_catalogue_updates(recommender, catalogue_updates)
-            recommender.swap_if_pending()
-            await process_batch_or_exit(batch, loop)
-
-    async def process_batch_or_exit(batch, loop) -> None:
-        """Retry a failing batch (state updates are idempotent); if it keeps failing, exit hard.
-
-        Faust acks a taken batch even when the body raises, so swallowing the error would let
-        its offsets be committed without lists: exiting before the next commit keeps
-        at-least-once, and the restarted worker processes the batch again.
-        """
-        for attempt in range(1, BATCH_ATTEMPTS + 1):
-            try:
-                return await process_batch(batch, loop)
-            except Exception:
-                log.exception("batch of %d events failed (attempt %d/%d)", len(batch), attempt, BATCH_ATTEMPTS)
-                await asyncio.sleep(BATCH_RETRY_BACKOFF_S * attempt)
-        log.critical("giving up on a batch; exiting without committing its offsets")
-        logging.shutdown()
-        os._exit(EXIT_BATCH_FAILED)
-
-    async def process_batch(batch, loop) -> None:
-        t0 = time.perf_counter()
-        valid = []
-        for event in batch:
-            try:
-                valid.append((decode_event(event.message.value), event))
-            except InvalidMessage as exc:
-                await dead_letter(event.message, exc.reason)
-        by_user = coalesce_by_user(valid)
-        states = []
-        for user, pairs in by_user.items():
-            key = user.encode()
-            state = UserState.decode(table.get(key))
-            if state.apply(e for e, _ in pairs):
-                with EventContext(pairs[-1][1]):
-                    table[key] = state.encode()
-            states.append(state)
-        if valid:
-            recommender.trending.observe([e.item_id for e, _ in valid], [e.ts for e, _ in valid],
-                                         event_weights([e.type for e, _ in valid]))
-        t1 = time.perf_counter()
-        if states:
-            lists, version = await loop.run_in_executor(executor, recommender.recommend, states)
-            t2 = time.perf_counter()
-            now = time.time()
-            futures = [
-                await app.producer.send(
-                    RECOMMENDATIONS_TOPIC, user.encode(),
-                    encode_recommendations(user, ranked, version, state.last_event_id,
-                                           state.last_event_ts, now),
-                    None, None, None)
-                for (user, state, ranked) in zip(by_user, states, lists)
-            ]
-            await asyncio.gather(*futures)
-        else:
-            t2 = t1
-        # The table's changelog goes through Faust's buffer: flush it before the batch is acked.
-        await app.producer.buffer.flush()
-        await app.producer.flush()
-        t3 = time.perf_counter()
-        timings = {"state": t1 - t0, **(recommender.timings if states else {}), "publish": t3 - t2}
-        stats["events"] += len(batch)
-        stats["published"] += len(states)
-        stats["batches"] += 1
-        for stage, spent in timings.items():
-            stats["seconds"][stage] += spent
-        if metrics:
-            metrics.observe_batch(len(batch))
-            for stage, spent in timings.items():
-                metrics.observe_stage(stage, spent)
-            metrics.count_published(len(states))
-            if states:
-                metrics.observe_event_latency(time.time() - np.fromiter((s.last_event_ts for s in states), float))
-
     @app.timer(STATS_LOG_INTERVAL_S)
     async def log_stats():
+        s = pipeline.stats
         log.info("processed %d events in %d batches, %d lists, %d dead letters; stage seconds %s",
-                 stats["events"], stats["batches"], stats["published"], stats["dlq"],
-                 {k: round(v, 2) for k, v in stats["seconds"].items()})
+                 s["events"], s["batches"], s["published"], s["dlq"],
+                 {k: round(v, 2) for k, v in s["seconds"].items()})
 
     @app.timer(settings.reload_interval_s)
     async def poll_model():
-        """Hot-swap: load a new model version off-loop; the agent swaps it in between batches."""
+        """Hot-swap: load a new model version off-loop; the recommend thread swaps it in between batches."""
         await asyncio.get_running_loop().run_in_executor(None, recommender.poll_for_new_version)
 
     if metrics is not None:
@@ -256,39 +225,24 @@ def create_app(settings: WorkerSettings, recommender: Recommender, metrics=None)
     return app
 
 
-def apply_catalogue_updates(recommender: Recommender, updates: list) -> None:
-    if not updates:
-        return
-    pending, updates[:] = list(updates), []
-    for item in pending:
-        if item.removed:
-            recommender.catalogue.remove(item.item_id)
-        else:
-            recommender.catalogue.update({"item_id": item.item_id, "in_stock": item.in_stock,
-                                          "attributes": list(item.attributes), "boost": item.boost})
-    recommender.sync_catalogue()
-
-
-class BrokerUnavailable(RuntimeError):
-    """The bootstrap address answers no Kafka protocol."""
-
-
 def run_worker(settings: WorkerSettings, loglevel: str = "info") -> None:
     """Create topics, load the model, and run the Faust worker until SIGINT/SIGTERM."""
     import faiss
     import torch
 
+    if settings.guarantee not in GUARANTEES:
+        raise ValueError(f"--guarantee must be one of {', '.join(GUARANTEES)}")
     torch.set_num_threads(settings.torch_threads)
     faiss.omp_set_num_threads(settings.torch_threads)
     recommender = Recommender(settings.model, settings.rerank)  # fails fast on a bad model path
     try:
-        asyncio.run(compat.ensure_topics(settings.broker, settings.topics()))
-    except KafkaError as exc:
+        profile = asyncio.run(prepare_broker(settings))
+    except (KafkaError, OSError) as exc:
         raise BrokerUnavailable(f"cannot reach a Kafka broker at {settings.broker}: {exc}") from exc
     metrics = None
     if settings.metrics_port is not None:
         from stream.metrics import WorkerMetrics
         metrics = WorkerMetrics(settings.group)
-    app = create_app(settings, recommender, metrics)
+    app = create_app(settings, recommender, profile, metrics)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()

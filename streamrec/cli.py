@@ -51,6 +51,45 @@ def broker(port: int = typer.Option(9092, help="Loopback port to listen on."),
 
 
 @app.command()
+def kafka(nodes: int = typer.Option(1, help="1 node, or 3 (replication 3, min.insync.replicas 2)."),
+          port: Optional[int] = typer.Option(None, help="Loopback port of the first node (default: a free one)."),
+          dir: Path = typer.Option(Path(".streamrec/kafka"), "--dir",
+                                   help="Cluster directory: log dirs, config, ports; reused when it exists.")):
+    """Run Apache Kafka (KRaft) on loopback in the foreground, fetched with Maven on first use."""
+    import signal
+
+    from stream.kafka import EXIT_MISSING_TOOL, KAFKA_VERSION, KafkaCluster, KafkaStartError, KafkaUnavailable
+
+    if nodes not in (1, 3):
+        _fail("--nodes must be 1 or 3")
+
+    def stop_on_sigterm(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    try:
+        cluster = KafkaCluster(nodes=nodes, port=port, data_dir=dir)
+        cluster.start()
+    except KafkaUnavailable as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(EXIT_MISSING_TOOL)
+    except (KafkaStartError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"Apache Kafka {KAFKA_VERSION}, {nodes} node(s): bootstrap {cluster.bootstrap} "
+               f"(data in {dir}; Ctrl-C to stop)")
+    code = 0
+    try:
+        code = cluster.wait()
+        typer.secho(f"a Kafka node exited with code {code}; stopping the others (logs in {dir})", fg="red", err=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.stop()
+    if code:
+        raise typer.Exit(1)
+
+
+@app.command()
 def train(data: Path = typer.Option(..., exists=True, dir_okay=False, help="Event log or sequence file."),
           out: Path = typer.Option(..., help="Model directory to write (replaced atomically)."),
           epochs: Optional[int] = typer.Option(
@@ -129,21 +168,30 @@ def worker(broker: str = typer.Option(..., help="Kafka bootstrap HOST:PORT."),
            metrics_port: Optional[int] = typer.Option(None, help="Serve Prometheus metrics on this port."),
            metrics_host: str = typer.Option("127.0.0.1", help="Metrics bind address (0.0.0.0 in a container)."),
            reload_interval: float = typer.Option(5.0, help="Seconds between checks for a new model version."),
-           loglevel: str = typer.Option("info")):
+           guarantee: str = typer.Option(
+               "at_least_once", help="at_least_once (any broker) or exactly_once (transactions: Apache Kafka)."),
+           commit_interval: float = typer.Option(
+               0.1, help="Seconds between offset commits (exactly_once: between transaction commits)."),
+           loglevel: str = typer.Option("info", help="Log level: debug, info, warning, error.")):
     """Run the Faust worker: shop-events in, recommendations out."""
     from index.rerank import RerankConfig
-    from stream.worker import BrokerUnavailable, WorkerSettings, run_worker
+    from stream.compat import TopicMismatch
+    from stream.delivery import GUARANTEES
+    from stream.worker import BrokerUnavailable, GuaranteeUnsupported, WorkerSettings, run_worker
 
     if store not in ("auto", "rocksdb", "memory"):
         _fail("--store must be rocksdb, memory or auto")
+    if guarantee not in GUARANTEES:
+        _fail(f"--guarantee must be one of: {', '.join(GUARANTEES)}")
     settings = WorkerSettings(broker=broker, model=model, group=group, partitions=partitions,
                               max_batch=max_batch, batch_wait_s=batch_wait, store=store,
                               data_dir=data_dir, metrics_port=metrics_port, metrics_host=metrics_host,
-                              reload_interval_s=reload_interval, rerank=RerankConfig(k=k))
+                              reload_interval_s=reload_interval, rerank=RerankConfig(k=k),
+                              guarantee=guarantee, commit_interval_s=commit_interval)
     sys.argv = sys.argv[:1]  # Faust's Worker parses argv itself
     try:
         run_worker(settings, loglevel=loglevel)
-    except (FileNotFoundError, BrokerUnavailable) as exc:
+    except (FileNotFoundError, BrokerUnavailable, GuaranteeUnsupported, TopicMismatch) as exc:
         _fail(str(exc))
 
 

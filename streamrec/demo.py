@@ -181,10 +181,10 @@ def render(collector: harness.ListCollector, sent: int, elapsed: float, lag, wat
 async def count_topic(bootstrap: str, topic: str) -> int:
     from aiokafka import TopicPartition
 
-    from stream.compat import high_watermarks
+    from stream.compat import log_end_offsets
 
     try:
-        return sum((await high_watermarks(bootstrap, [TopicPartition(topic, 0)])).values())
+        return sum((await log_end_offsets(bootstrap, [TopicPartition(topic, 0)])).values())
     except Exception:
         return 0
 

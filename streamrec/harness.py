@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from stream.compat import FETCH_MAX_WAIT_MS
+from stream.compat import FETCH_MAX_WAIT_MS, topic_partitions
 from stream.events import RECOMMENDATIONS_TOPIC, decode_recommendations, encode_event
 
 PRODUCE_CHUNK = 2000
@@ -54,9 +54,10 @@ async def wait_for_worker_ready(bootstrap: str, log_path: Path, timeout: float =
 
 
 async def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes | None]],
-                  rate: float | None = None, on_sent: Callable[[int], None] | None = None) -> int:
+                  rate: float | None = None, on_sent: Callable[[int], None] | None = None,
+                  acks: int | str = 1) -> int:
     """Send (key, value) records, paced at ``rate`` per second when given; returns the count."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks=1)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks=acks)
     await producer.start()
     sent, pending = 0, []
     started = time.monotonic()
@@ -90,26 +91,40 @@ def event_records(events: Iterable[dict], now_ts: bool = False):
 
 
 class ListCollector:
-    """Reads ``recommendations`` from the beginning and keeps each user's latest list."""
+    """Reads ``recommendations`` from the beginning and keeps each user's latest list.
 
-    def __init__(self, bootstrap: str, topic: str = RECOMMENDATIONS_TOPIC):
+    ``read_committed`` sees only lists of committed transactions (exactly-once workers);
+    ``repeated`` counts (user, event id) lists seen more than once.
+    """
+
+    def __init__(self, bootstrap: str, topic: str = RECOMMENDATIONS_TOPIC, read_committed: bool = False):
         self.bootstrap, self.topic = bootstrap, topic
+        self.isolation_level = "read_committed" if read_committed else "read_uncommitted"
         self.latest: dict[str, dict] = {}
         self.listed: set[str] = set()   # every event id a list was published for
+        self.seen: set[tuple[str, str]] = set()
+        self.repeated = 0
         self.messages = 0
         self.latencies: list[float] = []
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        self._consumer = AIOKafkaConsumer(self.topic, bootstrap_servers=self.bootstrap,
-                                          auto_offset_reset="earliest", enable_auto_commit=False,
-                                          fetch_max_wait_ms=FETCH_MAX_WAIT_MS)
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
+                                          fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+                                          isolation_level=self.isolation_level)
         await self._consumer.start()
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
         assert self._consumer is not None
+        # the worker creates the topic: until then there is nothing to read (and asking for a
+        # missing topic by name would auto-create it on Tansu)
+        while not (partitions := (await topic_partitions(self.bootstrap, [self.topic])).get(self.topic)):
+            await asyncio.sleep(0.2)
+        tps = [TopicPartition(self.topic, p) for p in partitions]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_beginning(*tps)
         while True:
             batches = await self._consumer.getmany(timeout_ms=200)
             for records in batches.values():
@@ -117,6 +132,10 @@ class ListCollector:
                     msg = decode_recommendations(r.value)
                     self.latest[msg["user_id"]] = msg
                     self.listed.add(msg["event_id"])
+                    pair = (msg["user_id"], msg["event_id"])
+                    if pair in self.seen:
+                        self.repeated += 1
+                    self.seen.add(pair)
                     self.latencies.append(msg["produced_ts"] - msg["event_ts"])
                     self.messages += 1
 

@@ -1,7 +1,15 @@
-"""Shared fixtures: a fresh embedded broker per test module (Tansu memory storage never frees)."""
+"""Shared fixtures: a fresh broker per test module, the embedded one (Tansu) and Apache Kafka.
+
+Every test that goes through a broker takes the ``broker`` fixture and so runs on both kinds
+(``STREAMREC_TEST_BROKERS=tansu`` or ``=kafka`` narrows it for a quick local run). Each module
+gets a fresh broker: Tansu's memory storage never frees, and the modules reuse topic names and
+the worker's group id. Without Java or Maven the Kafka runs are skipped, except under CI,
+where a Kafka that cannot start is a failure.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,13 +17,32 @@ import pytest
 from stream.broker import EmbeddedBroker
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+BROKER_KINDS = [k for k in os.environ.get("STREAMREC_TEST_BROKERS", "tansu,kafka").split(",") if k]
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    log_path = tmp_path_factory.mktemp("broker") / "tansu.log"
-    with EmbeddedBroker(log_path=str(log_path)) as b:
-        yield b
+def start_broker(kind: str, workdir: Path, nodes: int = 1):
+    """A started broker of ``kind`` (skips, or fails under CI, when Kafka cannot run here)."""
+    if kind == "tansu":
+        return EmbeddedBroker(log_path=str(workdir / "tansu.log")).start()
+    from stream.kafka import KafkaCluster, KafkaUnavailable
+
+    try:
+        return KafkaCluster(nodes=nodes, data_dir=workdir / "kafka").start()
+    except KafkaUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"Apache Kafka cannot run under CI: {exc}")
+        pytest.skip(f"Apache Kafka unavailable: {exc}")
+
+
+def stop_broker(broker) -> None:
+    (broker.cleanup if hasattr(broker, "cleanup") else broker.stop)()
+
+
+@pytest.fixture(scope="module", params=BROKER_KINDS)
+def broker(request, tmp_path_factory):
+    b = start_broker(request.param, tmp_path_factory.mktemp(f"broker-{request.param}"))
+    yield b
+    stop_broker(b)
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +72,18 @@ def tiny_model(tmp_path_factory, tiny_shop) -> Path:
     write_model_dir(out, lambda tmp: train(tiny_shop[1], TrainConfig(epochs=2, seed=0), out_dir=tmp,
                                            progress=False))
     return out
+
+
+@pytest.fixture
+def kafka_cluster(tmp_path):
+    """Start Apache Kafka clusters of 1 or 3 nodes of a test's own (stopped afterwards)."""
+    started = []
+
+    def start(nodes: int = 1):
+        cluster = start_broker("kafka", tmp_path / f"kafka-{len(started)}", nodes=nodes)
+        started.append(cluster)
+        return cluster
+
+    yield start
+    for cluster in started:
+        stop_broker(cluster)

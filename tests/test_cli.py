@@ -72,3 +72,16 @@ def test_worker_explains_a_missing_model_and_an_unreachable_broker(tmp_path, tin
     assert result.exit_code == 2 and "no model directory" in result.output
     result = runner.invoke(app, ["worker", "--broker", "127.0.0.1:1", "--model", str(tiny_model)])
     assert result.exit_code == 2 and "cannot reach a Kafka broker at 127.0.0.1:1" in result.output
+
+
+@pytest.mark.integration
+def test_worker_refuses_a_state_changelog_partitioned_unlike_the_events(broker, tiny_model, tmp_path):
+    import asyncio
+
+    from stream.compat import ensure_topics
+
+    counts = asyncio.run(ensure_topics(broker.bootstrap, {"shop-events": 2, "odd-user-state-changelog": 5}))
+    result = runner.invoke(app, ["worker", "--broker", broker.bootstrap, "--model", str(tiny_model),
+                                 "--group", "odd", "--data-dir", str(tmp_path / "state")])
+    assert result.exit_code == 2, result.output
+    assert f"odd-user-state-changelog has 5 partitions, {counts['shop-events']} expected" in result.output

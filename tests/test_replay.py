@@ -10,7 +10,7 @@ import msgpack
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from stream.compat import ensure_topics, high_watermarks
+from stream.compat import ensure_topics, log_end_offsets
 from stream.events import decode_event, encode_event, encode_recommendations
 from stream.replay import (SEQUENCE_EVENT_TYPE, SEQUENCE_STEP_S, LogFormatError, Rejected, ReplayRecord,
                            iter_log, load_events, replay)
@@ -150,7 +150,7 @@ def write_stream(path, n_users: int, per_user: int, step: float = 1.0):
 
 
 async def read_topic(bootstrap: str, topic: str) -> list:
-    ends = await high_watermarks(bootstrap, [TopicPartition(topic, p) for p in range(3)])
+    ends = await log_end_offsets(bootstrap, [TopicPartition(topic, p) for p in range(3)])
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest")
     await consumer.start()
     out = []

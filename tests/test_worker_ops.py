@@ -27,8 +27,9 @@ TIMEOUT_S = 90
 
 
 @pytest.fixture(scope="module")
-def models_root(tmp_path_factory, tiny_model):
-    """A folder of model versions: the worker serves the newest and hot-swaps to newer ones."""
+def models_root(broker, tmp_path_factory, tiny_model):
+    """A folder of model versions: the worker serves the newest and hot-swaps to newer ones
+    (one per broker: the hot-swap test adds versions)."""
     root = tmp_path_factory.mktemp("models-root")
     shutil.copytree(tiny_model, root / "v1")
     return root

@@ -1,0 +1,163 @@
+"""Delivery guarantees of the batch pipeline: how its records are produced and offsets committed.
+
+``at_least_once`` (the default, any broker): one producer with ``acks=all`` (idempotent where
+the broker allows); a batch's lists, state changelog and dead letters are acknowledged before
+its offsets are committed through the group, so a crash can repeat a list but never lose one.
+
+``exactly_once`` (brokers with transactions: Apache Kafka): one transactional producer per
+assigned ``shop-events`` partition (``transactional.id`` = group-topic-partition, so a new owner
+fences a zombie and aborts what it left open). Lists, changelog records, dead letters and the
+consumed offsets of a partition commit in one transaction, every ``commit_interval``; a
+``read_committed`` consumer of ``recommendations`` sees each (user, event) list once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Iterable
+
+from aiokafka import AIOKafkaProducer, TopicPartition
+
+log = logging.getLogger(__name__)
+
+AT_LEAST_ONCE, EXACTLY_ONCE = "at_least_once", "exactly_once"
+GUARANTEES = (AT_LEAST_ONCE, EXACTLY_ONCE)
+LINGER_MS = 2
+
+
+class DeliveryFailed(RuntimeError):
+    """Records could not be made durable (or a newer owner fenced this worker)."""
+
+
+class AtLeastOnce:
+    """One producer; durability = every send acknowledged; offsets committed through the group."""
+
+    guarantee = AT_LEAST_ONCE
+
+    def __init__(self, bootstrap: str, commit_offsets, *, idempotent: bool, commit_interval_s: float):
+        self.bootstrap = bootstrap
+        self._commit_offsets = commit_offsets      # async (offsets: {TopicPartition: int}) -> bool
+        self.commit_interval_s = commit_interval_s
+        self.idempotent = idempotent
+        self._producer: AIOKafkaProducer | None = None
+        self._pending: dict[TopicPartition, int] = {}
+        self._last_commit = time.monotonic()
+
+    async def start(self) -> None:
+        self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=LINGER_MS,
+                                          enable_idempotence=self.idempotent, max_batch_size=1 << 20)
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        await self._producer.stop()
+
+    async def on_assigned(self, tps: Iterable[TopicPartition]) -> None:
+        pass
+
+    async def on_revoked(self, tps: Iterable[TopicPartition]) -> None:
+        for tp in tps:
+            self._pending.pop(tp, None)
+
+    async def send(self, topic: str, key: bytes | None, value: bytes | None, source: int,
+                   partition: int | None = None) -> asyncio.Future:
+        return await self._producer.send(topic, value, key=key, partition=partition)
+
+    async def batch_sent(self, futures: list[asyncio.Future]) -> None:
+        """Wait until every record of a batch is acknowledged (the batch is then durable)."""
+        try:
+            await asyncio.gather(*futures)
+        except Exception as exc:
+            raise DeliveryFailed(f"records not acknowledged: {exc!r}") from exc
+
+    def batch_durable(self) -> bool:
+        return True   # at-least-once: durable as soon as acknowledged
+
+    async def complete(self, offsets: dict[TopicPartition, int], force: bool = False) -> bool:
+        """Record consumed offsets; commit them when the interval is up (or ``force``)."""
+        self._pending.update(offsets)
+        if not self._pending or not (force or time.monotonic() - self._last_commit >= self.commit_interval_s):
+            return False
+        pending, self._pending = self._pending, {}
+        self._last_commit = time.monotonic()
+        return await self._commit_offsets(pending)
+
+
+class ExactlyOnce:
+    """A transactional producer per input partition; durability = the transaction committed."""
+
+    guarantee = EXACTLY_ONCE
+
+    def __init__(self, bootstrap: str, group: str, topic: str, *, commit_interval_s: float):
+        self.bootstrap, self.group, self.topic = bootstrap, group, topic
+        self.commit_interval_s = commit_interval_s
+        self._producers: dict[int, AIOKafkaProducer] = {}
+        self._open: set[int] = set()                    # partitions with a transaction in progress
+        self._pending: dict[TopicPartition, int] = {}
+        self._last_commit = time.monotonic()
+
+    def transactional_id(self, partition: int) -> str:
+        return f"{self.group}-{self.topic}-{partition}"
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        producers, self._producers = self._producers, {}
+        await asyncio.gather(*(p.stop() for p in producers.values()), return_exceptions=True)
+
+    async def on_assigned(self, tps: Iterable[TopicPartition]) -> None:
+        """Producers for exactly the assigned partitions: a new one fences the previous owner and
+        ends what it left open, before this worker reads the committed offsets."""
+        assigned = {tp.partition for tp in tps if tp.topic == self.topic}
+        gone = [p for p in self._producers if p not in assigned]
+        await asyncio.gather(*(self._producers.pop(p).stop() for p in gone), return_exceptions=True)
+        producers = {p: AIOKafkaProducer(bootstrap_servers=self.bootstrap, transactional_id=self.transactional_id(p),
+                                         acks="all", linger_ms=LINGER_MS, max_batch_size=1 << 20)
+                     for p in assigned if p not in self._producers}
+        await asyncio.gather(*(p.start() for p in producers.values()))
+        self._producers.update(producers)
+
+    async def on_revoked(self, tps: Iterable[TopicPartition]) -> None:
+        """The pipeline has committed before this; producers stay until the next assignment."""
+        for tp in tps:
+            self._pending.pop(tp, None)
+
+    async def send(self, topic: str, key: bytes | None, value: bytes | None, source: int,
+                   partition: int | None = None) -> asyncio.Future:
+        producer = self._producers.get(source)
+        if producer is None:
+            raise DeliveryFailed(f"no transactional producer for {self.topic}[{source}] (not assigned)")
+        if source not in self._open:
+            await producer.begin_transaction()
+            self._open.add(source)
+        return await producer.send(topic, value, key=key, partition=partition)
+
+    async def batch_sent(self, futures: list[asyncio.Future]) -> None:
+        pass   # a transaction's records are waited for when it commits
+
+    def batch_durable(self) -> bool:
+        return False  # durable only once its transaction commits
+
+    async def complete(self, offsets: dict[TopicPartition, int], force: bool = False) -> bool:
+        """Commit each open transaction with its partition's consumed offsets (interval or ``force``)."""
+        self._pending.update(offsets)
+        if not self._pending or not (force or time.monotonic() - self._last_commit >= self.commit_interval_s):
+            return False
+        pending, self._pending = self._pending, {}
+        self._last_commit = time.monotonic()
+        try:
+            await asyncio.gather(*(self._commit_partition(tp, offset) for tp, offset in pending.items()))
+        except Exception as exc:
+            raise DeliveryFailed(f"transaction commit failed: {exc!r}") from exc
+        return True
+
+    async def _commit_partition(self, tp: TopicPartition, offset: int) -> None:
+        producer = self._producers[tp.partition]
+        if tp.partition not in self._open:  # offsets only (every record of the batch was bad or a duplicate)
+            await producer.begin_transaction()
+            self._open.add(tp.partition)
+        await producer.send_offsets_to_transaction({tp: offset}, self.group)
+        await producer.commit_transaction()
+        self._open.discard(tp.partition)

@@ -1,0 +1,261 @@
+"""The batch-native event path: record batches of ``shop-events`` in, one list per user out.
+
+    intake (records of the assigned partitions, straight from Faust's fetcher, stream/intake.py)
+      ─▶ stage 1, event loop: decode + validate (bad ─▶ dead letter), coalesce per user,
+         apply to each user's state (staged, stream/state.py), hand the batch over
+      ─▶ recommend thread: catalogue / model / trending updates, encode, search, rerank
+      ─▶ stage 2, event loop: produce lists, changelog rows and dead letters; make them
+         durable; persist state; commit offsets or the transaction (stream/delivery.py)
+
+Stage 1 of the next batch runs while the recommend thread works on this one (torch and faiss
+release the GIL), so both cores work. Batches finish strictly in order, and a batch's offsets
+are committed only after its records are durable: a crash repeats lists, never loses one.
+A batch that cannot be made durable ends the worker (exit code 70) before anything of it is
+committed; the restarted worker processes it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from aiokafka import TopicPartition
+
+from stream.delivery import DeliveryFailed
+from stream.events import (DLQ_TOPIC, RECOMMENDATIONS_TOPIC, InvalidMessage, ShopEvent, decode_event,
+                           encode_dead_letter, encode_recommendations)
+from stream.intake import RecordIntake
+from stream.state import StateTable, UserState
+
+log = logging.getLogger(__name__)
+
+EXIT_BATCH_FAILED = 70
+RECOMMEND_ATTEMPTS = 3
+RECOMMEND_RETRY_BACKOFF_S = 1.0
+STAGES = ("state", "encode", "search", "rerank", "publish")
+
+
+@dataclass
+class Batch:
+    """One micro-batch between the stages: users (one entry each), their states, and what to write."""
+
+    seq: int
+    records: int = 0
+    offsets: dict[TopicPartition, int] = field(default_factory=dict)   # next offset per partition
+    users: list[str] = field(default_factory=list)
+    partitions: list[int] = field(default_factory=list)
+    states: list[UserState] = field(default_factory=list)
+    changelog: list[tuple[int, bytes, bytes]] = field(default_factory=list)   # (partition, key, state)
+    dead: list[tuple[int, bytes | None, bytes, str]] = field(default_factory=list)  # (partition, key, record, reason)
+    events: list[ShopEvent] = field(default_factory=list)
+    state_s: float = 0.0
+
+
+class BatchPipeline:
+    def __init__(self, *, recommender, table: StateTable, delivery, intake: RecordIntake, changelog_topic: str,
+                 max_batch: int, batch_wait_s: float, metrics=None, catalogue_updates: list | None = None):
+        self.recommender = recommender
+        self.table = table
+        self.delivery = delivery
+        self.intake = intake
+        self.changelog_topic = changelog_topic
+        self.max_batch = max_batch
+        self.batch_wait_s = batch_wait_s
+        self.metrics = metrics
+        self.catalogue_updates = catalogue_updates if catalogue_updates is not None else []
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recommend")
+        self._handoff: asyncio.Queue = asyncio.Queue(maxsize=1)   # at most one batch ahead of stage 2
+        self._seq = 0
+        self._done_seq = 0          # the newest batch whose records are all sent
+        self._commit_lock = asyncio.Lock()
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._open = asyncio.Event()    # cleared while a rebalance or a shutdown drains the pipeline
+        self._open.set()
+        self._durable: list[tuple[int, asyncio.Future]] = []   # (partition, changelog send) awaiting persist
+        self.stats = {"events": 0, "dlq": 0, "published": 0, "batches": 0,
+                      "seconds": dict.fromkeys(STAGES, 0.0)}
+
+    # ------------------------------------------------------------------ running
+    async def run(self) -> None:
+        await asyncio.gather(self._stage1(), self._stage2())
+
+    async def _stage1(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._open.wait()
+            chunks = await self.intake.take(self.max_batch, self.batch_wait_s)
+            if not chunks or not self._open.is_set():
+                continue   # a rebalance cleared them: the consumer seeks back to the committed offsets
+            self._seq += 1
+            batch = self.prepare(self._seq, chunks)
+            updates, self.catalogue_updates[:] = list(self.catalogue_updates), []
+            future = loop.run_in_executor(self.executor, self.recommender.recommend_batch, batch.states,
+                                          batch.events, updates)
+            self._in_flight += 1
+            self._idle.clear()
+            await self._handoff.put((batch, future, updates))
+
+    async def _stage2(self) -> None:
+        while True:
+            try:
+                batch, future, updates = await asyncio.wait_for(self._handoff.get(), self.delivery.commit_interval_s)
+            except asyncio.TimeoutError:   # traffic paused: commit what is done, so lag reaches 0
+                await self._commit(force=True)
+                continue
+            try:
+                await self.finish(batch, future, updates)
+            except Exception:  # not durable, nothing committed: the restarted worker redoes it
+                self._fatal(f"batch {batch.seq} of {batch.records} records failed; exiting without committing it")
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+
+    async def _commit(self, offsets: dict | None = None, force: bool = False) -> None:
+        """Commit consumed offsets (or the transactions) when due; persist state made durable by it."""
+        async with self._commit_lock:   # a rebalance's drain waits for a commit under way
+            try:
+                committed = await self.delivery.complete(offsets or {}, force=force)
+            except DeliveryFailed:
+                self._fatal("could not commit; exiting")
+        if committed and not self.delivery.batch_durable():
+            self._persist(self._done_seq)
+
+    @staticmethod
+    def _fatal(message: str) -> None:
+        log.critical(message, exc_info=True)
+        logging.shutdown()
+        os._exit(EXIT_BATCH_FAILED)
+
+    # ------------------------------------------------------------------ stage 1
+    def prepare(self, seq: int, chunks) -> Batch:
+        """Decode, validate, coalesce per user and apply to state: all of it on the event loop."""
+        started = time.perf_counter()
+        batch = Batch(seq)
+        by_user: dict[str, tuple[int, list[ShopEvent]]] = {}
+        for tp, records in chunks:
+            p = tp.partition
+            batch.offsets[TopicPartition(tp.topic, p)] = records[-1].offset + 1
+            batch.records += len(records)
+            for record in records:
+                try:
+                    event = decode_event(record.value)
+                    if record.key != event.user_id.encode():
+                        raise InvalidMessage("key does not match user_id")
+                except InvalidMessage as exc:
+                    batch.dead.append((p, record.key, encode_dead_letter(
+                        record.value, exc.reason, record.topic, p, record.offset, record.key), exc.reason))
+                    continue
+                batch.events.append(event)
+                entry = by_user.get(event.user_id)
+                if entry is None:
+                    by_user[event.user_id] = (p, [event])
+                else:
+                    entry[1].append(event)
+        by_partition: dict[int, list[str]] = {}
+        for user, (p, _) in by_user.items():
+            by_partition.setdefault(p, []).append(user)
+        for p, users in by_partition.items():
+            keys = [u.encode() for u in users]
+            for user, key, raw in zip(users, keys, self.table.get_many(p, keys)):
+                state = self._decode_state(user, raw)
+                if state.apply(by_user[user][1]):
+                    value = state.encode()
+                    self.table.stage(seq, p, key, value)
+                    batch.changelog.append((p, key, value))
+                batch.users.append(user)
+                batch.partitions.append(p)
+                batch.states.append(state)
+        batch.state_s = time.perf_counter() - started
+        return batch
+
+    @staticmethod
+    def _decode_state(user: str, raw: bytes | None) -> UserState:
+        try:
+            return UserState.decode(raw)
+        except Exception as exc:  # a row this version cannot read: start the user afresh, loudly
+            log.error("unreadable state row (%s); starting from an empty history", exc)
+            return UserState()
+
+    # ------------------------------------------------------------------ stage 2
+    async def finish(self, batch: Batch, future, updates) -> None:
+        lists, version, timings = await self._recommend(batch, future, updates)
+        started = time.perf_counter()
+        send = self.delivery.send
+        now = time.time()
+        sent = []
+        for user, p, state, ranked in zip(batch.users, batch.partitions, batch.states, lists):
+            sent.append(await send(RECOMMENDATIONS_TOPIC, user.encode(), encode_recommendations(
+                user, ranked, version, state.last_event_id, state.last_event_ts, now), p))
+        for p, key, value in batch.changelog:
+            fut = await send(self.changelog_topic, key, value, p, partition=p)
+            sent.append(fut)
+            self._durable.append((p, fut))
+        for p, key, value, _ in batch.dead:
+            sent.append(await send(DLQ_TOPIC, key, value, p))
+        await self.delivery.batch_sent(sent)
+        self._done_seq = batch.seq
+        if self.delivery.batch_durable():
+            self._persist(batch.seq)
+        await self._commit(batch.offsets)
+        self._account(batch, timings, time.perf_counter() - started)
+
+    async def _recommend(self, batch: Batch, future, updates):
+        loop = asyncio.get_running_loop()
+        for attempt in range(1, RECOMMEND_ATTEMPTS + 1):
+            try:
+                return await future
+            except Exception:
+                if attempt == RECOMMEND_ATTEMPTS:
+                    raise
+                log.exception("recommending batch %d failed (attempt %d/%d)", batch.seq, attempt, RECOMMEND_ATTEMPTS)
+                await asyncio.sleep(RECOMMEND_RETRY_BACKOFF_S * attempt)
+                future = loop.run_in_executor(self.executor, self.recommender.recommend_batch, batch.states,
+                                              [], [])
+
+    def _persist(self, upto_seq: int) -> None:
+        offsets: dict[int, int] = {}
+        for p, fut in self._durable:
+            offset = fut.result().offset
+            if offset > offsets.get(p, -1):
+                offsets[p] = offset
+        self._durable.clear()
+        self.table.persist(upto_seq, offsets)
+
+    def _account(self, batch: Batch, timings: dict, publish_s: float) -> None:
+        stats = self.stats
+        stats["events"] += batch.records
+        stats["dlq"] += len(batch.dead)
+        stats["published"] += len(batch.users)
+        stats["batches"] += 1
+        seconds = {"state": batch.state_s, **timings, "publish": publish_s}
+        for stage, spent in seconds.items():
+            stats["seconds"][stage] = stats["seconds"].get(stage, 0.0) + spent
+        m = self.metrics
+        if m is not None:
+            m.observe_batch(batch.records)
+            for stage, spent in seconds.items():
+                m.observe_stage(stage, spent)
+            m.count_published(len(batch.users))
+            for _, _, _, reason in batch.dead:
+                m.count_dlq(reason.split(":")[0])
+            if batch.states:
+                m.observe_event_latency(time.time() - np.fromiter((s.last_event_ts for s in batch.states), float))
+
+    # ------------------------------------------------------------------ rebalances and shutdown
+    async def drain(self) -> None:
+        """Finish the batches under way and commit them; take nothing new until :meth:`reopen`."""
+        self._open.clear()
+        self.intake.clear()
+        await self._idle.wait()
+        await self._commit(force=True)
+
+    def reopen(self) -> None:
+        self.intake.clear()
+        self._open.set()
