@@ -256,6 +256,11 @@ class BatchPipeline:
         await self._idle.wait()
         await self._commit(force=True)
 
+    async def shutdown(self) -> None:
+        """Drain for good and stop the producers (the worker is stopping)."""
+        await self.drain()
+        await self.delivery.stop()
+
     def reopen(self) -> None:
         self.intake.clear()
         self._open.set()

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 STATE_TABLE = "user-state"
 STATS_LOG_INTERVAL_S = 10.0
 INTAKE_BATCHES = 4        # records buffered ahead of the pipeline, in batches
+DRAIN_TIMEOUT_S = 30.0    # a stopping worker's wait for the batches under way
 
 
 @dataclass
@@ -207,10 +208,7 @@ def create_app(settings: WorkerSettings, recommender: Recommender, profile: comp
 
     @app.timer(STATS_LOG_INTERVAL_S)
     async def log_stats():
-        s = pipeline.stats
-        log.info("processed %d events in %d batches, %d lists, %d dead letters; stage seconds %s",
-                 s["events"], s["batches"], s["published"], s["dlq"],
-                 {k: round(v, 2) for k, v in s["seconds"].items()})
+        log_pipeline_stats(pipeline)
 
     @app.timer(settings.reload_interval_s)
     async def poll_model():
@@ -223,6 +221,12 @@ def create_app(settings: WorkerSettings, recommender: Recommender, profile: comp
             await metrics.start(settings.metrics_port, settings.broker, host=settings.metrics_host)
 
     return app
+
+
+def log_pipeline_stats(pipeline: BatchPipeline) -> None:
+    s = pipeline.stats
+    log.info("processed %d events in %d batches, %d lists, %d dead letters; stage seconds %s",
+             s["events"], s["batches"], s["published"], s["dlq"], {k: round(v, 2) for k, v in s["seconds"].items()})
 
 
 def run_worker(settings: WorkerSettings, loglevel: str = "info") -> None:
@@ -244,5 +248,30 @@ def run_worker(settings: WorkerSettings, loglevel: str = "info") -> None:
         from stream.metrics import WorkerMetrics
         metrics = WorkerMetrics(settings.group)
     app = create_app(settings, recommender, profile, metrics)
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    worker = DrainingWorker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()
+
+
+class DrainingWorker(faust.Worker):
+    """On SIGTERM/SIGINT, finish and commit the batches under way, then let Faust stop.
+
+    Faust stops its consumer and closes the state store before anything else; draining first
+    means a stopped worker leaves no processed-but-uncommitted events behind (no repeated lists
+    after a clean restart) and no open transaction.
+    """
+
+    _draining = False
+
+    def _schedule_shutdown(self, signum) -> None:
+        if self._draining:
+            return super()._schedule_shutdown(signum)
+        self._draining = True
+        asyncio.ensure_future(self._drain_then_stop(signum), loop=self.loop)
+
+    async def _drain_then_stop(self, signum) -> None:
+        try:
+            await asyncio.wait_for(self.app.pipeline.shutdown(), DRAIN_TIMEOUT_S)
+        except Exception:
+            log.exception("could not drain the pipeline before stopping; its last batches will be redone")
+        log_pipeline_stats(self.app.pipeline)
+        faust.Worker._schedule_shutdown(self, signum)

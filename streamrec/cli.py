@@ -296,19 +296,33 @@ def demo(data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
 
 
 @bench_app.command("e2e")
-def bench_e2e(events: int = typer.Option(20000, help="Events to stream through the worker."),
-              users: int = typer.Option(2000), items: int = typer.Option(600),
-              rate: Optional[float] = typer.Option(None, help="Events/s offered (default: as fast as possible)."),
-              partitions: int = typer.Option(4), max_batch: int = typer.Option(512),
+def bench_e2e(events: int = typer.Option(20000, help="Events per phase."),
+              users: int = typer.Option(2000, help="Synthetic shop: users."),
+              items: int = typer.Option(600, help="Synthetic shop: items."),
+              rates: str = typer.Option("max", help="Offered rates, one phase each: 'max' or events/s, "
+                                                    "comma separated (e.g. max,500,2000)."),
+              broker_kind: str = typer.Option("tansu", help="Broker to start: tansu (embedded) or kafka."),
+              guarantee: str = typer.Option("at_least_once", help="The worker's --guarantee."),
+              partitions: int = typer.Option(4, help="Partitions of the topics."),
+              max_batch: int = typer.Option(512, help="The worker's --max-batch."),
               workers: int = typer.Option(1, help="Worker processes in the consumer group."),
               model: Optional[Path] = typer.Option(None, help="Model dir (default: train a small one)."),
-              as_json: bool = typer.Option(False, "--json")):
-    """End-to-end through a real broker: events/s and p50/p99 latency (produced_ts - event ts)."""
-    from streamrec.bench import E2EOptions, run_e2e
+              as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
+    """End to end through a real broker: events/s and p50/p99 latency (produced_ts - event ts)."""
+    from streamrec.bench import BROKER_KINDS, E2EOptions, render, run_e2e
 
-    result = run_e2e(E2EOptions(events=events, users=users, items=items, rate=rate,
-                                partitions=partitions, max_batch=max_batch, workers=workers, model=model))
-    typer.echo(json.dumps(result) if as_json else "\n".join(f"{k:>22}: {v}" for k, v in result.items()))
+    if broker_kind not in BROKER_KINDS:
+        _fail(f"--broker-kind must be one of: {', '.join(BROKER_KINDS)}")
+    try:
+        parsed = [None if r.strip() == "max" else float(r) for r in rates.split(",") if r.strip()]
+    except ValueError:
+        _fail(f"--rates takes 'max' or numbers, comma separated; got {rates!r}")
+    if not parsed or any(r is not None and r <= 0 for r in parsed):
+        _fail("--rates needs at least one phase, each 'max' or a positive rate")
+    result = run_e2e(E2EOptions(events=events, users=users, items=items, rates=parsed, partitions=partitions,
+                                max_batch=max_batch, workers=workers, model=model, broker_kind=broker_kind,
+                                guarantee=guarantee))
+    typer.echo(json.dumps(result) if as_json else render(result))
 
 
 def main() -> None:  # pragma: no cover

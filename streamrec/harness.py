@@ -105,7 +105,8 @@ class ListCollector:
         self.seen: set[tuple[str, str]] = set()
         self.repeated = 0
         self.messages = 0
-        self.latencies: list[float] = []
+        self.latencies: list[float] = []          # produced_ts - event ts (the worker's side)
+        self.visible_latencies: list[float] = []  # arrival here - event ts (what a shop sees)
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task | None = None
 
@@ -127,6 +128,7 @@ class ListCollector:
         await self._consumer.seek_to_beginning(*tps)
         while True:
             batches = await self._consumer.getmany(timeout_ms=200)
+            arrived = time.time()
             for records in batches.values():
                 for r in records:
                     msg = decode_recommendations(r.value)
@@ -137,6 +139,7 @@ class ListCollector:
                         self.repeated += 1
                     self.seen.add(pair)
                     self.latencies.append(msg["produced_ts"] - msg["event_ts"])
+                    self.visible_latencies.append(arrived - msg["event_ts"])
                     self.messages += 1
 
     async def wait_for(self, predicate: Callable[["ListCollector"], bool], timeout: float) -> bool:

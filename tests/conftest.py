@@ -20,6 +20,13 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BROKER_KINDS = [k for k in os.environ.get("STREAMREC_TEST_BROKERS", "tansu,kafka").split(",") if k]
 
 
+def kafka_unavailable(exc: Exception):
+    """Skip a test that needs Apache Kafka here -- but under CI, fail it."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"Apache Kafka cannot run under CI: {exc}")
+    pytest.skip(f"Apache Kafka unavailable: {exc}")
+
+
 def start_broker(kind: str, workdir: Path, nodes: int = 1):
     """A started broker of ``kind`` (skips, or fails under CI, when Kafka cannot run here)."""
     if kind == "tansu":
@@ -29,9 +36,19 @@ def start_broker(kind: str, workdir: Path, nodes: int = 1):
     try:
         return KafkaCluster(nodes=nodes, data_dir=workdir / "kafka").start()
     except KafkaUnavailable as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"Apache Kafka cannot run under CI: {exc}")
-        pytest.skip(f"Apache Kafka unavailable: {exc}")
+        kafka_unavailable(exc)
+
+
+@pytest.fixture(scope="session")
+def kafka_runtime() -> Path:
+    """Java 17+ and the Kafka jars (fetched once): the folder of jars."""
+    from stream.kafka import KafkaUnavailable, check_java, kafka_libs
+
+    try:
+        check_java()
+        return kafka_libs()
+    except KafkaUnavailable as exc:
+        kafka_unavailable(exc)
 
 
 def stop_broker(broker) -> None:

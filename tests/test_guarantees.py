@@ -97,3 +97,30 @@ async def test_exactly_once_survives_repeated_kill_9(broker, tiny_shop, tiny_mod
         ids = [e["event_id"] for e in events if e["user_id"] == user]
         kept = states[user]["event_ids"]
         assert kept == ids[-len(kept):], f"{user}: state lost or repeated events across the kills"
+
+
+async def test_sigterm_commits_what_was_processed_so_a_restart_repeats_nothing(broker, tiny_shop, tiny_model, tmp_path):
+    events = [e for e in tiny_shop[0] if int(e["user_id"][-5:]) % 2 == 1]
+    last = {e["user_id"]: e["event_id"] for e in events}
+    small_batches = ["--max-batch", "64"]   # many batches under way when the signal comes
+    collector = harness.ListCollector(broker.bootstrap)
+    await collector.start()
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    stale = lambda c: [u for u, i in last.items() if c.latest.get(u, {}).get("event_id") != i]  # noqa: E731
+    proc = harness.start_worker(broker.bootstrap, tiny_model, tmp_path / "state", group="graceful",
+                                partitions=PARTITIONS, log_path=logs[0], extra=small_batches)
+    try:
+        await harness.wait_for_worker_ready(broker.bootstrap, logs[0])
+        await harness.produce(broker.bootstrap, EVENTS_TOPIC, harness.event_records(events))
+        assert await collector.wait_for(lambda c: c.messages > 0, 60)
+        assert harness.stop_worker(proc) == 0          # SIGTERM mid-backlog
+        assert len(stale(collector)) > 0, "the backlog was done before the signal: nothing tested"
+        proc = harness.start_worker(broker.bootstrap, tiny_model, tmp_path / "state", group="graceful",
+                                    partitions=PARTITIONS, log_path=logs[1])
+        await harness.wait_for_worker_ready(broker.bootstrap, logs[1])
+        assert await collector.wait_for(lambda c: not stale(c), LIST_TIMEOUT_S), \
+            f"{len(stale(collector))} users stale\n{logs[1].read_text()[-3000:]}"
+        assert collector.repeated == 0, f"{collector.repeated} lists repeated after a clean stop"
+    finally:
+        harness.stop_worker(proc)
+        await collector.stop()

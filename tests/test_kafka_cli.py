@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from stream.kafka import EXIT_MISSING_TOOL, KafkaCluster, KafkaStartError, KafkaUnavailable, check_java
+from stream.kafka import EXIT_MISSING_TOOL, KafkaCluster, KafkaStartError
 
 
 def streamrec(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
@@ -41,25 +41,19 @@ def test_missing_java_is_refused_with_exit_code_3(tmp_path):
     assert "no `java` on PATH" in result.stderr
 
 
-def test_a_taken_port_is_refused_before_anything_starts(tmp_path):
+def test_a_taken_port_is_refused_before_anything_starts(kafka_runtime, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
         result = streamrec("kafka", "--port", str(port), "--dir", str(tmp_path / "k"))
-    if result.returncode == EXIT_MISSING_TOOL:
-        pytest.skip(result.stderr)
     assert result.returncode == 2
     assert f"port(s) {port}" in result.stderr and "already in use" in result.stderr
     assert not java_processes(str(tmp_path))
 
 
 @pytest.mark.integration
-def test_a_node_that_dies_at_start_takes_the_others_down(tmp_path):
-    try:
-        check_java()
-    except KafkaUnavailable as exc:
-        pytest.skip(str(exc))
+def test_a_node_that_dies_at_start_takes_the_others_down(kafka_runtime, tmp_path):
     cluster = KafkaCluster(nodes=3, data_dir=tmp_path / "k")
     cluster._write_config()
     bad = cluster.node_dir(1) / "data"
@@ -72,11 +66,7 @@ def test_a_node_that_dies_at_start_takes_the_others_down(tmp_path):
 
 
 @pytest.mark.integration
-def test_streamrec_kafka_runs_until_sigterm_and_keeps_its_data(tmp_path):
-    try:
-        check_java()
-    except KafkaUnavailable as exc:
-        pytest.skip(str(exc))
+def test_streamrec_kafka_runs_until_sigterm_and_keeps_its_data(kafka_runtime, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "streamrec.cli", "kafka", "--dir", str(tmp_path / "k")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:

@@ -1,4 +1,5 @@
-"""Lag snapshots against a known backlog on Tansu, and each Burrow rule on synthetic windows."""
+"""Lag snapshots against a known backlog on both brokers (and against Kafka's own tool), and
+each Burrow rule on synthetic windows."""
 
 from __future__ import annotations
 

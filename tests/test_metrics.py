@@ -1,4 +1,4 @@
-"""Metric names and labels as Prometheus scrapes them, and the lag gauges fed from Tansu."""
+"""Metric names and labels as Prometheus scrapes them, and the lag gauges fed from a real broker."""
 
 from __future__ import annotations
 

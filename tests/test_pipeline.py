@@ -1,4 +1,4 @@
-"""End to end through the real embedded broker: a worker process, plain aiokafka clients.
+"""End to end through a real broker (both kinds): a worker process, plain aiokafka clients.
 
 Every user gets a list; the final list reflects the user's last event; purchased items are
 never recommended; each kind of malformed message lands in the DLQ with its reason while the
@@ -168,7 +168,7 @@ async def test_every_user_gets_a_current_list_and_bad_messages_go_to_dlq(broker,
 
 async def test_kill_9_loses_no_list_and_no_state(broker, worker, tiny_shop, tiny_model, tmp_path):
     """At-least-once: after a hard kill mid-stream, a worker restarted on an empty disk rebuilds
-    its state from the changelog to the true end (Tansu's ListOffsets gap, stream/compat.py),
+    its state from the changelog to the true end (stream/compat.py: Tansu's ListOffsets gap),
     lists every event, and still never recommends what a user bought before the kill."""
     proc, _, _ = worker
     events = [e for e in tiny_shop[0] if int(e["user_id"][-5:]) % 3 == 1][:3000]

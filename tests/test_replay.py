@@ -1,4 +1,4 @@
-"""Log readers (every format, bad lines reported, stable ids) and paced replays through Tansu."""
+"""Log readers (every format, bad lines reported, stable ids) and paced replays through both brokers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Operating a running worker through the real embedded broker: catalogue changes, hot-swap,
+"""Operating a running worker through a real broker (both kinds): catalogue changes, hot-swap,
 consumer lag at a known backlog, and idempotent replays."""
 
 from __future__ import annotations
