@@ -7,6 +7,10 @@ queue each one to an agent (measured: ~10k messages/s at most here, against ~750
 same records through aiokafka). Instead, each fetched list of records of a bypassed topic is
 handed to :class:`RecordIntake` as it is, and the batch pipeline commits those offsets itself.
 
+Records are taken only where Faust would deliver them itself: while its flow is active
+(not during a rebalance or recovery, after which it seeks back to the committed offsets and
+fetches the same records again) and from active (not paused) partitions.
+
 Backpressure: after each fetch Faust's fetch loop waits until the intake has room, so
 a slow pipeline holds the fetcher back instead of buffering without bound.
 """
@@ -91,15 +95,23 @@ def install(app, intake: RecordIntake) -> None:
     base = transport.Consumer
 
     class IntakeScheduler(DefaultSchedulingStrategy):
+        def __init__(self, consumer):
+            self.consumer = consumer
+
         def iterate(self, records):
-            for tp in [tp for tp in records if tp.topic in intake.topics]:
-                intake.offer(tp, records.pop(tp))
+            consumer = self.consumer
+            if consumer.flow_active:   # else Faust drops every record and seeks back
+                active = consumer._get_active_partitions()
+                for tp in [tp for tp in records if tp.topic in intake.topics]:
+                    batch = records.pop(tp)
+                    if tp in active:
+                        intake.offer(tp, batch)
             return super().iterate(records)
 
     class IntakeConsumer(base):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self.scheduler = IntakeScheduler()
+            self.scheduler = IntakeScheduler(self)
 
         async def getmany(self, timeout: float):
             async for item in super().getmany(timeout):

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -94,7 +95,7 @@ class ListCollector:
     """Reads ``recommendations`` from the beginning and keeps each user's latest list.
 
     ``read_committed`` sees only lists of committed transactions (exactly-once workers);
-    ``repeated`` counts (user, event id) lists seen more than once.
+    ``repeats()`` counts (user, event id) lists seen more than once.
     """
 
     def __init__(self, bootstrap: str, topic: str = RECOMMENDATIONS_TOPIC, read_committed: bool = False):
@@ -102,8 +103,7 @@ class ListCollector:
         self.isolation_level = "read_committed" if read_committed else "read_uncommitted"
         self.latest: dict[str, dict] = {}
         self.listed: set[str] = set()   # every event id a list was published for
-        self.seen: set[tuple[str, str]] = set()
-        self.repeated = 0
+        self.seen: Counter[tuple[str, str]] = Counter()   # (user, event id) -> lists
         self.messages = 0
         self.latencies: list[float] = []          # produced_ts - event ts (the worker's side)
         self.visible_latencies: list[float] = []  # arrival here - event ts (what a shop sees)
@@ -134,13 +134,14 @@ class ListCollector:
                     msg = decode_recommendations(r.value)
                     self.latest[msg["user_id"]] = msg
                     self.listed.add(msg["event_id"])
-                    pair = (msg["user_id"], msg["event_id"])
-                    if pair in self.seen:
-                        self.repeated += 1
-                    self.seen.add(pair)
+                    self.seen[msg["user_id"], msg["event_id"]] += 1
                     self.latencies.append(msg["produced_ts"] - msg["event_ts"])
                     self.visible_latencies.append(arrived - msg["event_ts"])
                     self.messages += 1
+
+    def repeats(self, users=None) -> int:
+        """Lists beyond the first for the same (user, event), for ``users`` (default: all)."""
+        return sum(n - 1 for (user, _), n in self.seen.items() if n > 1 and (users is None or user in users))
 
     async def wait_for(self, predicate: Callable[["ListCollector"], bool], timeout: float) -> bool:
         deadline = time.monotonic() + timeout

@@ -87,7 +87,7 @@ async def test_exactly_once_survives_repeated_kill_9(broker, tiny_shop, tiny_mod
         stale = lambda c: [u for u, i in last.items() if c.latest.get(u, {}).get("event_id") != i]  # noqa: E731
         assert await collector.wait_for(lambda c: not stale(c), LIST_TIMEOUT_S), \
             f"{len(stale(collector))} users stale; last log:\n{logs[-1].read_text()[-3000:]}"
-        assert collector.repeated == 0, f"{collector.repeated} (user, event) lists seen twice"
+        assert collector.repeats(last) == 0, f"{collector.repeats(last)} (user, event) lists seen twice"
     finally:
         harness.stop_worker(proc)
         await collector.stop()
@@ -120,7 +120,7 @@ async def test_sigterm_commits_what_was_processed_so_a_restart_repeats_nothing(b
         await harness.wait_for_worker_ready(broker.bootstrap, logs[1])
         assert await collector.wait_for(lambda c: not stale(c), LIST_TIMEOUT_S), \
             f"{len(stale(collector))} users stale\n{logs[1].read_text()[-3000:]}"
-        assert collector.repeated == 0, f"{collector.repeated} lists repeated after a clean stop"
+        assert collector.repeats(last) == 0, f"{collector.repeats(last)} lists repeated after a clean stop"
     finally:
         harness.stop_worker(proc)
         await collector.stop()
