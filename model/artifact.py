@@ -110,7 +110,10 @@ class ModelArtifact:
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.encoder.state_dict().items()}
         save_file(state, str(directory / WEIGHTS))
-        _write_json(directory / CONFIG, dataclasses.asdict(self.config))
+        config = dataclasses.asdict(self.config)
+        if config["positions"] == "learned":  # the format that versions before rotary positions read
+            del config["positions"], config["rope_base"]
+        _write_json(directory / CONFIG, config)
         _write_json(directory / VOCAB, self.items)
         _write_json(directory / METADATA, self.metadata)
         return directory
@@ -118,7 +121,9 @@ class ModelArtifact:
     @classmethod
     def load(cls, directory: str | Path, device: torch.device | str | None = None) -> ModelArtifact:
         directory = Path(directory)
-        cfg = EncoderConfig(**json.loads((directory / CONFIG).read_text()))
+        raw = json.loads((directory / CONFIG).read_text())
+        raw.setdefault("positions", "learned")  # written before rotary positions existed
+        cfg = EncoderConfig(**raw)
         items = json.loads((directory / VOCAB).read_text())
         metadata = json.loads((directory / METADATA).read_text())
         encoder = SequenceEncoder(cfg)

@@ -7,6 +7,12 @@ position as in "Turning Dross Into Gold Loss: is BERT4Rec really better than SAS
 The output at position t depends only on positions <= t, so a user's vector (the output at
 the last position) can be recomputed whenever an event arrives. Item scores are inner
 products with `item_vectors()`, which are also the input embeddings (tied).
+
+Positions are rotary (RoPE, Su et al. 2021): attention scores depend only on how far apart
+two events are, never on where the sequence starts, so an event's keys and values stay valid
+as newer events arrive and serving can encode one new event at a time against a cache of
+them (model/incremental.py). Models trained before carry learned positions counted back
+from the newest event (``positions="learned"``); they load and serve by full recompute.
 """
 
 from __future__ import annotations
@@ -35,10 +41,33 @@ class EncoderConfig:
     emb_dropout: float = 0.5  # on the summed input embeddings
     n_types: int = len(EVENT_TYPES) + 1  # 0 = unknown
     n_gaps: int = N_GAP_BUCKETS  # 0 = unknown
+    positions: str = "rope"  # "rope" (relative; incremental serving) or "learned" (older models)
+    rope_base: float = 10000.0
 
     def __post_init__(self):
         if self.n_heads <= 0 or self.dim <= 0 or self.dim % self.n_heads:
             raise ValueError(f"dim ({self.dim}) must be a positive multiple of n_heads ({self.n_heads})")
+        if self.positions not in ("rope", "learned"):
+            raise ValueError(f"positions must be 'rope' or 'learned', not {self.positions!r}")
+        if self.positions == "rope" and (self.dim // self.n_heads) % 2:
+            raise ValueError(f"rotary positions need an even head width, got {self.dim // self.n_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+def rope_frequencies(head_dim: int, base: float) -> torch.Tensor:
+    """Rotation speed of each of the head_dim / 2 coordinate pairs."""
+    return base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+
+
+def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate coordinate pairs (i, i + head_dim/2) of x [..., head_dim] by angles [..., head_dim/2]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -49,10 +78,21 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.dim, cfg.dim)
         self.dropout = cfg.dropout
 
-    def forward(self, x, mask):
+    def heads(self, x):
+        """x [B, L, D] -> q, k, v [B, H, L, head_dim], keys not yet rotated."""
         B, L, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=2)
-        q, k, v = (t.view(B, L, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        return [t.view(B, L, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v)]
+
+    def forward(self, x, mask, angles=None, kv_out: list | None = None):
+        """``angles`` [L, head_dim/2]: rotary positions; ``kv_out`` collects the (unrotated) keys
+        and values, which an incremental encoder caches."""
+        B, L, D = x.shape
+        q, k, v = self.heads(x)
+        if kv_out is not None:
+            kv_out.append((k, v))
+        if angles is not None:
+            q, k = rotate(q, angles), rotate(k, angles)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
         )
@@ -83,8 +123,8 @@ class Block(nn.Module):
         self.mlp = FeedForward(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask):
-        x = self.ln1(x + self.dropout(self.attn(x, mask)))
+    def forward(self, x, mask, angles=None, kv_out: list | None = None):
+        x = self.ln1(x + self.dropout(self.attn(x, mask, angles, kv_out)))
         return self.ln2(x + self.dropout(self.mlp(x)))
 
 
@@ -95,9 +135,11 @@ class SequenceEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.dim, padding_idx=0)
-        # Positions count back from the newest event (left padding), so "the last event"
-        # always has the same position embedding, in training and when serving.
-        self.pos_emb = nn.Embedding(cfg.max_len, cfg.dim)
+        if cfg.positions == "learned":
+            # Positions count back from the newest event (left padding).
+            self.pos_emb = nn.Embedding(cfg.max_len, cfg.dim)
+        else:
+            self.register_buffer("rope_freqs", rope_frequencies(cfg.head_dim, cfg.rope_base), persistent=False)
         self.type_emb = nn.Embedding(cfg.n_types, cfg.dim)
         self.gap_emb = nn.Embedding(cfg.n_gaps, cfg.dim)
         if cfg.n_attributes:
@@ -136,17 +178,29 @@ class SequenceEncoder(nn.Module):
             w = w + F.embedding_bag(attrs[keep], self.attr_emb.weight, offsets, mode="mean").view(w.shape)
         return w
 
-    def forward(self, items, types=None, gaps=None, item_vecs=None):
-        """items/types/gaps: [B, L] int64, left-padded with 0. Returns [B, L, dim]."""
-        B, L = items.shape
-        assert L <= self.cfg.max_len, f"sequence length {L} > max_len {self.cfg.max_len}"
-        pos = torch.arange(self.cfg.max_len - L, self.cfg.max_len, device=items.device)
+    def embed(self, items, types=None, gaps=None, item_vecs=None):
+        """The normalised input of the first block: item (+ attributes), type and time gap."""
         x = self.item_vectors(items) if item_vecs is None else F.embedding(items, item_vecs)
-        x = x + self.pos_emb(pos)
         if types is not None:
             x = x + self.type_emb(types)
         if gaps is not None:
             x = x + self.gap_emb(gaps)
+        return x
+
+    def angles(self, positions: torch.Tensor) -> torch.Tensor:
+        """Rotary angles [..., head_dim/2] of integer positions."""
+        return positions.to(torch.float32)[..., None] * self.rope_freqs
+
+    def forward(self, items, types=None, gaps=None, item_vecs=None, kv_out: list | None = None):
+        """items/types/gaps: [B, L] int64, left-padded with 0. Returns [B, L, dim]."""
+        B, L = items.shape
+        assert L <= self.cfg.max_len, f"sequence length {L} > max_len {self.cfg.max_len}"
+        x = self.embed(items, types, gaps, item_vecs)
+        angles = None
+        if self.cfg.positions == "learned":
+            x = x + self.pos_emb(torch.arange(self.cfg.max_len - L, self.cfg.max_len, device=items.device))
+        else:  # only distances matter, so the left padding needs no offset
+            angles = self.angles(torch.arange(L, device=items.device))
         x = self.ln_in(x)
         keep = (items > 0).unsqueeze(-1)
         x = self.emb_dropout(x) * keep
@@ -157,5 +211,5 @@ class SequenceEncoder(nn.Module):
         mask = (causal & (items > 0).unsqueeze(1)) | eye  # [B, L(query), L(key)]
         mask = mask.unsqueeze(1)  # broadcast over heads
         for block in self.blocks:
-            x = block(x, mask)
+            x = block(x, mask, angles, kv_out)
         return x

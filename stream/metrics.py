@@ -54,6 +54,11 @@ class WorkerMetrics:
                            registry=r)
         self.published = Counter("streamrec_recommendations_published", "Recommendation lists published",
                                  registry=r)
+        self.cache_lookups = Counter("streamrec_encoder_cache_lookups", "Users encoded, by outcome: hit "
+                                     "(incremental) or miss (full recompute)", ["outcome"], registry=r)
+        self.cache_bytes = Gauge("streamrec_encoder_cache_bytes", "Bytes of cached keys/values (active users)",
+                                 registry=r)
+        self.cache_users = Gauge("streamrec_encoder_cache_users", "Users held by the encoder cache", registry=r)
         self.batch_size = Histogram("streamrec_batch_size", "Events per processed batch",
                                     buckets=BATCH_BUCKETS, registry=r)
         self.stage_latency = Histogram("streamrec_stage_latency_seconds", "Time per batch in each stage",
@@ -71,6 +76,15 @@ class WorkerMetrics:
         """One processed batch of ``n_events`` (also counts the events as processed)."""
         self.batch_size.observe(n_events)
         self.events.inc(n_events)
+
+    def observe_cache(self, hits: int, misses: int, users: int, nbytes: int) -> None:
+        """The encoder cache after a batch: new hits and misses, users held, bytes."""
+        if hits:
+            self.cache_lookups.labels(outcome="hit").inc(hits)
+        if misses:
+            self.cache_lookups.labels(outcome="miss").inc(misses)
+        self.cache_users.set(users)
+        self.cache_bytes.set(nbytes)
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         child = self._stages.get(stage)

@@ -50,6 +50,8 @@ class Batch:
     users: list[str] = field(default_factory=list)
     partitions: list[int] = field(default_factory=list)
     states: list[UserState] = field(default_factory=list)
+    new: list[int] = field(default_factory=list)          # events the batch appended to each state
+    tails: list[str | None] = field(default_factory=list)  # each user's last event before the batch
     changelog: list[tuple[int, bytes, bytes]] = field(default_factory=list)   # (partition, key, state)
     dead: list[tuple[int, bytes | None, bytes, str]] = field(default_factory=list)  # (partition, key, record, reason)
     events: list[ShopEvent] = field(default_factory=list)
@@ -79,6 +81,7 @@ class BatchPipeline:
         self._open = asyncio.Event()    # cleared while a rebalance or a shutdown drains the pipeline
         self._open.set()
         self._durable: list[tuple[int, asyncio.Future]] = []   # (partition, changelog send) awaiting persist
+        self._cache_seen = (0, 0)   # encoder cache hits and misses already counted in the metrics
         self.stats = {"events": 0, "dlq": 0, "published": 0, "batches": 0,
                       "seconds": dict.fromkeys(STAGES, 0.0)}
 
@@ -97,7 +100,7 @@ class BatchPipeline:
             batch = self.prepare(self._seq, chunks)
             updates, self.catalogue_updates[:] = list(self.catalogue_updates), []
             future = loop.run_in_executor(self.executor, self.recommender.recommend_batch, batch.states,
-                                          batch.events, updates)
+                                          batch.events, updates, batch.users, batch.new, batch.tails)
             self._in_flight += 1
             self._idle.clear()
             await self._handoff.put((batch, future, updates))
@@ -165,7 +168,10 @@ class BatchPipeline:
             keys = [u.encode() for u in users]
             for user, key, raw in zip(users, keys, self.table.get_many(p, keys)):
                 state = self._decode_state(user, raw)
-                if state.apply(by_user[user][1]):
+                batch.tails.append(state.last_event_id)
+                applied = state.apply(by_user[user][1])
+                batch.new.append(applied)
+                if applied:
                     value = state.encode()
                     self.table.stage(seq, p, key, value)
                     batch.changelog.append((p, key, value))
@@ -217,7 +223,7 @@ class BatchPipeline:
                 log.exception("recommending batch %d failed (attempt %d/%d)", batch.seq, attempt, RECOMMEND_ATTEMPTS)
                 await asyncio.sleep(RECOMMEND_RETRY_BACKOFF_S * attempt)
                 future = loop.run_in_executor(self.executor, self.recommender.recommend_batch, batch.states,
-                                              [], [])
+                                              [], updates)   # the cache is rebuilt for these users
 
     def _persist(self, upto_seq: int) -> None:
         offsets: dict[int, int] = {}
@@ -247,6 +253,11 @@ class BatchPipeline:
                 m.count_dlq(reason.split(":")[0])
             if batch.states:
                 m.observe_event_latency(time.time() - np.fromiter((s.last_event_ts for s in batch.states), float))
+            cache = self.recommender.cache_counters()
+            if cache:
+                m.observe_cache(cache["cache_hits"] - self._cache_seen[0], cache["cache_misses"] - self._cache_seen[1],
+                                cache["cache_users"], cache["cache_bytes"])
+                self._cache_seen = (cache["cache_hits"], cache["cache_misses"])
 
     # ------------------------------------------------------------------ rebalances and shutdown
     async def drain(self) -> None:

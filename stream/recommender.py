@@ -24,6 +24,7 @@ from index.rerank import Reranker, RerankConfig, UserContext
 from index.trending import Trending, event_weights
 from model.artifact import METADATA, ModelArtifact
 from model.data import load_log
+from model.incremental import DEFAULT_BUDGET_BYTES, EncodeRequest, IncrementalEncoder, for_serving
 from stream.state import UserState
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class ServingModel:
     index: ItemIndex
     reranker: Reranker
     path: Path
+    incremental: IncrementalEncoder | None = None   # rotary models: one position per new event
     added: set[str] = field(default_factory=set)
     embedder: AttributeEmbedder | None = None
     embedder_fitted_on: int = -1   # catalogue size the embedder was fitted on
@@ -103,7 +105,8 @@ class ServingModel:
         return self.artifact.version
 
     @classmethod
-    def load(cls, path: str | Path, catalogue: Catalogue, config: RerankConfig) -> "ServingModel":
+    def load(cls, path: str | Path, catalogue: Catalogue, config: RerankConfig,
+             cache_bytes: int = DEFAULT_BUDGET_BYTES) -> "ServingModel":
         started = time.perf_counter()
         model_dir = resolve_model_dir(path)
         artifact = ModelArtifact.load(model_dir)
@@ -111,9 +114,20 @@ class ServingModel:
         index_path = model_dir / INDEX_FILE
         index = ItemIndex.load(index_path) if index_path.exists() else ItemIndex.build(vectors)
         reranker = Reranker(config, catalogue, vectors, artifact.items)
-        log.info("loaded model %s from %s (%d items) in %.2fs", artifact.version, model_dir,
-                 len(artifact.items), time.perf_counter() - started)
-        return cls(artifact, index, reranker, model_dir)
+        incremental = None
+        if artifact.config.positions == "rope" and cache_bytes > 0:
+            incremental = for_serving(artifact.encoder, artifact.token_index, cache_bytes)
+        log.info("loaded model %s from %s (%d items, %s encoding) in %.2fs", artifact.version, model_dir,
+                 len(artifact.items), "incremental" if incremental else "full", time.perf_counter() - started)
+        return cls(artifact, index, reranker, model_dir, incremental)
+
+    def encode(self, states: list[UserState], users=None, new=None, tails=None) -> np.ndarray:
+        """User vectors: incremental where the model and the cache allow, else in full."""
+        if self.incremental is None or users is None:
+            return self.artifact.encode([s.history() for s in states])
+        return self.incremental.encode([
+            EncodeRequest(user, state.history(), n, tail, state.last_event_id)
+            for user, state, n, tail in zip(users, states, new, tails)])
 
     def add_unseen_items(self, catalogue: Catalogue) -> int:
         """Make catalogue items with attributes but no trained vector recommendable."""
@@ -140,12 +154,14 @@ class Recommender:
     """Batch recommendation with cold start (trending) and between-batch model swaps."""
 
     def __init__(self, model_path: str | Path, config: RerankConfig | None = None,
-                 catalogue: Catalogue | None = None, trending: Trending | None = None):
+                 catalogue: Catalogue | None = None, trending: Trending | None = None,
+                 cache_bytes: int = DEFAULT_BUDGET_BYTES):
         self.model_path = Path(model_path)
         self.config = config or RerankConfig()
         self.catalogue = catalogue or Catalogue()
         self.trending = trending or Trending()
-        self.model = ServingModel.load(self.model_path, self.catalogue, self.config)
+        self.cache_bytes = cache_bytes
+        self.model = ServingModel.load(self.model_path, self.catalogue, self.config, cache_bytes)
         self._pending: ServingModel | None = None
         self.timings: dict[str, float] = {}
 
@@ -161,7 +177,7 @@ class Recommender:
         if version == self.model.version or (self._pending and version == self._pending.version):
             return self._pending is not None
         try:
-            self._pending = ServingModel.load(model_dir, self.catalogue, self.config)
+            self._pending = ServingModel.load(model_dir, self.catalogue, self.config, self.cache_bytes)
         except Exception:  # a half-written directory: try again at the next poll
             log.exception("could not load model at %s; keeping %s", model_dir, self.model.version)
             return False
@@ -192,11 +208,14 @@ class Recommender:
         self.sync_catalogue()
 
     # --- the batch path
-    def recommend_batch(self, states: list[UserState], events=(), catalogue_updates=()):
+    def recommend_batch(self, states: list[UserState], events=(), catalogue_updates=(), users=None, new=None,
+                        tails=None):
         """The recommend thread's one entry point: catalogue changes, a pending model swap and the
         batch's events (trending) are applied here, between batches, then the lists are made.
 
-        Returns (lists, model version, stage seconds).
+        ``users``, ``new`` (events the batch appended to each state) and ``tails`` (each user's last
+        event before them) let the encoder fold in only what is new. Returns (lists, model
+        version, stage seconds).
         """
         if catalogue_updates:
             self.apply_catalogue(catalogue_updates)
@@ -206,15 +225,28 @@ class Recommender:
                                   event_weights([e.type for e in events]))
         if not states:
             return [], self.model.version, {}
-        lists, version = self.recommend(states)
+        try:
+            lists, version = self.recommend(states, users, new, tails)
+        except Exception:
+            if self.model.incremental is not None:
+                self.model.incremental.clear()   # its entries may be half updated
+            raise
         return lists, version, dict(self.timings)
 
-    def recommend(self, states: list[UserState]) -> tuple[list[list[dict]], str]:
+    def cache_counters(self) -> dict:
+        """The encoder cache's running totals (``cache_*`` keys, none without a cache)."""
+        inc = self.model.incremental
+        if inc is None:
+            return {}
+        st = inc.stats
+        return {"cache_hits": st.hits, "cache_misses": st.misses, "cache_users": st.users, "cache_bytes": st.bytes}
+
+    def recommend(self, states: list[UserState], users=None, new=None, tails=None) -> tuple[list[list[dict]], str]:
         """Lists for each state, and the version of the model that made them."""
         model = self.model  # one version for the whole batch, even if a swap is pending
         k = self.config.k
         t0 = time.perf_counter()
-        vectors = model.artifact.encode([s.history() for s in states])
+        vectors = model.encode(states, users, new, tails)
         t1 = time.perf_counter()
         warm = np.flatnonzero(np.abs(vectors).sum(axis=1) > 0)
         lists: list[list[dict]] = [[] for _ in states]

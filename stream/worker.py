@@ -30,6 +30,7 @@ from stream.events import (DLQ_TOPIC, EVENTS_TOPIC, ITEMS_TOPIC, RECOMMENDATIONS
                            decode_item, encode_dead_letter)
 from stream.intake import RecordIntake
 from stream.pipeline import BatchPipeline
+from model.incremental import DEFAULT_BUDGET_BYTES
 from stream.recommender import Recommender
 from stream.state import StateTable
 
@@ -59,6 +60,7 @@ class WorkerSettings:
     guarantee: str = AT_LEAST_ONCE
     commit_interval_s: float = 0.1  # offsets (or transactions) committed at most this often
     replication: int | None = None  # of the topics the worker creates; default min(3, brokers)
+    cache_mb: int = DEFAULT_BUDGET_BYTES >> 20   # encoder key/value cache for active users (0: off)
 
     @property
     def changelog_topic(self) -> str:
@@ -225,8 +227,13 @@ def create_app(settings: WorkerSettings, recommender: Recommender, profile: comp
 
 def log_pipeline_stats(pipeline: BatchPipeline) -> None:
     s = pipeline.stats
-    log.info("processed %d events in %d batches, %d lists, %d dead letters; stage seconds %s",
-             s["events"], s["batches"], s["published"], s["dlq"], {k: round(v, 2) for k, v in s["seconds"].items()})
+    cache = pipeline.recommender.cache_counters()
+    looked_up = cache.get("cache_hits", 0) + cache.get("cache_misses", 0)
+    cached = (f"; encoder cache {cache['cache_hits'] / looked_up:.1%} hits of {looked_up}, "
+              f"{cache['cache_users']} users, {cache['cache_bytes'] / 2**20:.0f} MiB") if looked_up else ""
+    log.info("processed %d events in %d batches, %d lists, %d dead letters; stage seconds %s%s",
+             s["events"], s["batches"], s["published"], s["dlq"], {k: round(v, 2) for k, v in s["seconds"].items()},
+             cached)
 
 
 def run_worker(settings: WorkerSettings, loglevel: str = "info") -> None:
@@ -238,7 +245,7 @@ def run_worker(settings: WorkerSettings, loglevel: str = "info") -> None:
         raise ValueError(f"--guarantee must be one of {', '.join(GUARANTEES)}")
     torch.set_num_threads(settings.torch_threads)
     faiss.omp_set_num_threads(settings.torch_threads)
-    recommender = Recommender(settings.model, settings.rerank)  # fails fast on a bad model path
+    recommender = Recommender(settings.model, settings.rerank, cache_bytes=settings.cache_mb << 20)  # fails fast
     try:
         profile = asyncio.run(prepare_broker(settings))
     except (KafkaError, OSError) as exc:

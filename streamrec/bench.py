@@ -12,7 +12,11 @@ each on its own users, so every figure comes from the same broker, worker and wo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -28,11 +32,16 @@ REBALANCE_SETTLE_S = 8.0
 BROKER_KINDS = ("tansu", "kafka")
 
 
+WORKLOADS = ("shop", "scale")
+SCALE_TRAIN_USERS = 10_000
+
+
 @dataclass
 class E2EOptions:
     events: int = 20000
     users: int = 2000
     items: int = 600
+    workload: str = "shop"          # shop: the demo's small shop; scale: ScaleSpec (50k users, 60k items)
     rates: list[float | None] = field(default_factory=lambda: [None])   # None: as fast as possible
     partitions: int = 4
     max_batch: int = 512
@@ -40,6 +49,7 @@ class E2EOptions:
     model: Path | None = None
     broker_kind: str = "tansu"
     guarantee: str = "at_least_once"
+    compare: list[str] = field(default_factory=list)   # baselines: "naive", "commit:<sha>"
     train_epochs: int = 3
     seed: int = 0
 
@@ -64,29 +74,142 @@ def start_broker(kind: str, workdir: Path):
     return EmbeddedBroker(log_path=str(workdir / "broker.log")).start()
 
 
+class ShopWorkload:
+    """The demo's shop; every phase replays the same events on users of its own."""
+
+    def __init__(self, options: E2EOptions):
+        self.events = shop_events(options)
+        self.users = len({e["user_id"] for e in self.events})
+
+    def phase(self, n: int) -> list[dict]:
+        tag = f"p{n}-"
+        return [{**e, "user_id": tag + e["user_id"], "event_id": tag + e["event_id"]} for e in self.events]
+
+    def train(self, workdir: Path, options: E2EOptions, positions: str = "rope") -> Path:
+        from model.data import log_from_events
+        from model.train import TrainConfig
+
+        return _train(log_from_events(self.events), workdir, TrainConfig(epochs=options.train_epochs), positions)
+
+    async def preload(self, bootstrap: str, partitions: int) -> None:
+        pass
+
+
+class ScaleWorkload:
+    """Users whose state already holds full histories (written to the state changelog before
+    the worker starts), a large catalogue, Zipf activity; phases continue the users' walks."""
+
+    def __init__(self, options: E2EOptions):
+        from streamrec.synthetic import ScaleShop, ScaleSpec
+
+        self.options = options
+        self.shop = ScaleShop(ScaleSpec(users=max(options.users, 50_000), seed=options.seed))
+        self.histories = self.shop.histories()
+        self.users = len(self.histories)
+
+    def phase(self, n: int) -> list[dict]:
+        return self.shop.stream(self.options.events)
+
+    def train(self, workdir: Path, options: E2EOptions, positions: str = "rope") -> Path:
+        from model.train import TrainConfig
+
+        sample = dict(list(self.histories.items())[:SCALE_TRAIN_USERS])
+        # a short run with a sampled softmax: the benchmark needs the recipe's width and a
+        # trained geometry for the index, not its accuracy
+        return _train(sample, workdir, TrainConfig(epochs=1, negatives=2048, val_users=2000, max_minutes=5),
+                      positions)
+
+    async def preload(self, bootstrap: str, partitions: int) -> None:
+        from stream.state import UserState
+        from stream.worker import WorkerSettings
+
+        settings = WorkerSettings(broker=bootstrap, model=Path("."), partitions=partitions)
+        from stream import compat
+
+        await compat.ensure_topics(bootstrap, settings.topics(), settings.topic_configs())
+
+        def rows():
+            for user, history in self.histories.items():
+                state = UserState()
+                for n, (item, kind, ts) in enumerate(history):
+                    state.items.append(item), state.types.append(kind), state.ts.append(ts)
+                    state.event_ids.append(f"{user}/h{n}")
+                    if kind == "purchase":
+                        state.purchased.append(item)
+                state.last_event_id, state.last_event_ts = state.event_ids[-1], state.ts[-1]
+                yield user.encode(), state.encode()
+
+        await harness.produce(bootstrap, settings.changelog_topic, rows(), acks="all")
+
+
 def run_e2e(options: E2EOptions) -> dict:
+    """The worker, then each baseline in ``options.compare``: the same workload and phases, a
+    fresh broker each (Tansu's memory never frees, and every run starts from the same state)."""
     if options.broker_kind not in BROKER_KINDS:
         raise ValueError(f"broker kind must be one of {', '.join(BROKER_KINDS)}")
+    if options.workload not in WORKLOADS:
+        raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}")
     workdir = Path(tempfile.mkdtemp(prefix="streamrec-bench-"))
-    events = shop_events(options)
-    model = options.model or _train(events, workdir, options.train_epochs)
+    workload = ShopWorkload(options) if options.workload == "shop" else ScaleWorkload(options)
+    model = options.model or workload.train(workdir / "rope", options)
+    phases = [workload.phase(n) for n in range(len(options.rates))]   # the same events for every run
+    runs = []
+    for variant in ["worker", *options.compare]:
+        if variant.startswith("commit:"):
+            # an earlier commit serves models of its own format: learned positions, same recipe and data
+            run_model = workload.train(workdir / "learned", options, positions="learned")
+        else:
+            run_model = model
+        runs.append(_run_variant(variant, run_model, workload, phases, options, workdir / variant.replace(":", "-")))
+    return {"broker": options.broker_kind, "guarantee": options.guarantee, "workers": options.workers,
+            "workload": options.workload, "events_per_phase": options.events, "users": workload.users,
+            "runs": runs}
+
+
+def _run_variant(variant: str, model: Path, workload, phases: list[list[dict]], options: E2EOptions,
+                 workdir: Path) -> dict:
+    workdir.mkdir(parents=True, exist_ok=True)
+    launch, cleanup = _launcher(variant, options, workdir)
     broker = start_broker(options.broker_kind, workdir)
     try:
+        asyncio.run(workload.preload(broker.bootstrap, options.partitions))
         logs = [workdir / f"worker-{n}.log" for n in range(options.workers)]
-        extra = ["--max-batch", str(options.max_batch), "--guarantee", options.guarantee]
-        workers = [harness.start_worker(broker.bootstrap, model, workdir / f"state-{n}",
-                                        partitions=options.partitions, log_path=log, extra=extra)
-                   for n, log in enumerate(logs)]
+        workers = [launch(broker.bootstrap, model, workdir / f"state-{n}", log) for n, log in enumerate(logs)]
         try:
-            phases = asyncio.run(_drive(broker.bootstrap, events, options, logs))
+            results = asyncio.run(_drive(broker.bootstrap, phases, options, logs, [w.pid for w in workers]))
         finally:
             for worker in workers:
                 harness.stop_worker(worker)
     finally:
         (broker.cleanup if hasattr(broker, "cleanup") else broker.stop)()
-    return {"broker": options.broker_kind, "guarantee": options.guarantee, "workers": options.workers,
-            "events_per_phase": len(events), "users": len({e["user_id"] for e in events}),
-            "phases": phases, "worker_stage_seconds": [_last_stage_line(log) for log in logs]}
+        cleanup()
+    return {"variant": variant, "model": str(model), "phases": results,
+            "worker_stage_seconds": [_last_stage_line(log) for log in logs]}
+
+
+def _launcher(variant: str, options: E2EOptions, workdir: Path):
+    """(start a worker process, clean up) for ``worker``, ``naive`` or ``commit:<sha>``."""
+    repo = Path(__file__).resolve().parents[1]
+    if variant == "worker":
+        extra = ["--max-batch", str(options.max_batch), "--guarantee", options.guarantee]
+        return (lambda b, m, d, log: harness.start_worker(b, m, d, partitions=options.partitions, log_path=log,
+                                                          extra=extra)), (lambda: None)
+    if variant == "naive":
+        command = [sys.executable, str(repo / "benchmarks" / "naive_worker.py")]
+        return (lambda b, m, d, log: harness.start_worker(b, m, d, partitions=options.partitions, log_path=log,
+                                                          command=command)), (lambda: None)
+    if variant.startswith("commit:"):
+        source = workdir / "source"
+        subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(source), variant[7:]],
+                       check=True, capture_output=True)
+        extra = ["--max-batch", str(options.max_batch)]
+
+        def cleanup():
+            subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(source)], capture_output=True)
+
+        return (lambda b, m, d, log: harness.start_worker(b, m, d, partitions=options.partitions, log_path=log,
+                                                          extra=extra, source=source)), cleanup
+    raise ValueError(f"unknown variant {variant!r}: worker, naive or commit:<sha>")
 
 
 def _last_stage_line(log: Path) -> str | None:
@@ -94,18 +217,34 @@ def _last_stage_line(log: Path) -> str | None:
     return lines[-1].split("processed ")[-1].strip() if lines else None
 
 
-def _train(events: list[dict], workdir: Path, epochs: int) -> Path:
-    from model.data import log_from_events
-    from model.train import TrainConfig, train
+def _train(log, workdir: Path, config, positions: str = "rope") -> Path:
+    from model.train import train
     from stream.recommender import write_model_dir
 
-    log = log_from_events(events)
+    config = dataclasses.replace(config, encoder=dataclasses.replace(config.encoder, positions=positions))
     out = workdir / "model"
-    write_model_dir(out, lambda tmp: train(log, TrainConfig(epochs=epochs), out_dir=tmp, progress=False))
+    if not (out / "metadata.json").exists():
+        write_model_dir(out, lambda tmp: train(log, config, out_dir=tmp, progress=False), users_for_tuning=log)
     return out
 
 
-async def _drive(bootstrap: str, events: list[dict], options: E2EOptions, logs: list[Path]) -> list[dict]:
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(event-loop thread, whole process) CPU seconds of a worker, from /proc (Linux); the
+    event loop is the process's main thread."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def read(path: str) -> float:
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick   # utime + stime
+
+    try:
+        return read(f"/proc/{pid}/task/{pid}/stat"), read(f"/proc/{pid}/stat")
+    except (OSError, IndexError, ValueError):
+        return float("nan"), float("nan")
+
+
+async def _drive(bootstrap: str, phases: list[list[dict]], options: E2EOptions, logs: list[Path],
+                 pids: list[int]) -> list[dict]:
     for log in logs:
         await harness.wait_for_worker_ready(bootstrap, log)
     if len(logs) > 1:
@@ -113,15 +252,23 @@ async def _drive(bootstrap: str, events: list[dict], options: E2EOptions, logs: 
     collector = harness.ListCollector(bootstrap, read_committed=options.guarantee == "exactly_once")
     await collector.start()
     try:
-        return [await _phase(n, bootstrap, events, rate, collector) for n, rate in enumerate(options.rates)]
+        results = []
+        for events, rate in zip(phases, options.rates):
+            before = [cpu_seconds(pid) for pid in pids]
+            result = await _phase(bootstrap, events, rate, collector)
+            after = [cpu_seconds(pid) for pid in pids]
+            loop_s = sum(a[0] - b[0] for a, b in zip(after, before))
+            total_s = sum(a[1] - b[1] for a, b in zip(after, before))
+            result["loop_cpu_us_per_event"] = round(loop_s / len(events) * 1e6, 1)
+            result["worker_cpu_us_per_event"] = round(total_s / len(events) * 1e6, 1)
+            results.append(result)
+        return results
     finally:
         await collector.stop()
 
 
-async def _phase(n: int, bootstrap: str, events: list[dict], rate: float | None, collector) -> dict:
-    """One offered rate on the phase's own users (ids prefixed), until every list is current."""
-    tag = f"p{n}-"
-    events = [{**e, "user_id": tag + e["user_id"], "event_id": tag + e["event_id"]} for e in events]
+async def _phase(bootstrap: str, events: list[dict], rate: float | None, collector) -> dict:
+    """One offered rate, until every list is current."""
     first_latency = len(collector.latencies)
     started = time.time()
     await harness.produce(bootstrap, EVENTS_TOPIC, harness.event_records(events, now_ts=True), rate=rate)
@@ -149,17 +296,24 @@ async def _phase(n: int, bootstrap: str, events: list[dict], rate: float | None,
 
 
 def render(result: dict) -> str:
-    """The phases as an aligned table, then the worker's stage seconds."""
+    """Each run's phases as an aligned table, its stage seconds, and the throughput ratios."""
     cols = ("offered_rate", "throughput_events_per_s", "latency_p50_ms", "latency_p99_ms", "latency_max_ms",
-            "visible_p50_ms", "visible_p99_ms", "seconds_until_all_lists_current", "lists", "complete")
+            "visible_p50_ms", "visible_p99_ms", "seconds_until_all_lists_current", "lists",
+            "loop_cpu_us_per_event", "worker_cpu_us_per_event", "complete")
     head = ("offered/s", "events/s", "p50 ms", "p99 ms", "max ms", "seen p50", "seen p99", "s to current",
-            "lists", "complete")
-    rows = [head] + [tuple(str(p[c]) for c in cols) for p in result["phases"]]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = [f"broker {result['broker']}, {result['guarantee']}, {result['workers']} worker(s), "
-             f"{result['events_per_phase']:,} events of {result['users']:,} users per phase"]
-    lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
-    lines += [f"worker stages: {s}" for s in result["worker_stage_seconds"]]
+            "lists", "loop us/ev", "cpu us/ev", "complete")
+    lines = [f"broker {result['broker']}, {result['guarantee']}, {result['workers']} worker(s), workload "
+             f"{result['workload']}: {result['events_per_phase']:,} events per phase, {result['users']:,} users"]
+    for run in result["runs"]:
+        rows = [head] + [tuple(str(p[c]) for c in cols) for p in run["phases"]]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        lines.append(f"-- {run['variant']} (model {run['model']})")
+        lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+        lines += [f"   stages: {s}" for s in run["worker_stage_seconds"]]
+    first = result["runs"][0]["phases"][0]["throughput_events_per_s"]
+    for run in result["runs"][1:]:
+        lines.append(f"worker / {run['variant']}: {first / run['phases'][0]['throughput_events_per_s']:.1f}x "
+                     f"events/s in the first phase")
     return "\n".join(lines)
 
 

@@ -172,6 +172,8 @@ def worker(broker: str = typer.Option(..., help="Kafka bootstrap HOST:PORT."),
                "at_least_once", help="at_least_once (any broker) or exactly_once (transactions: Apache Kafka)."),
            commit_interval: float = typer.Option(
                0.1, help="Seconds between offset commits (exactly_once: between transaction commits)."),
+           cache_mb: int = typer.Option(1024, help="Encoder key/value cache for active users, MiB (~100 KiB per "
+                                                   "user at 256 wide; 0: recompute every user in full)."),
            loglevel: str = typer.Option("info", help="Log level: debug, info, warning, error.")):
     """Run the Faust worker: shop-events in, recommendations out."""
     from index.rerank import RerankConfig
@@ -187,7 +189,7 @@ def worker(broker: str = typer.Option(..., help="Kafka bootstrap HOST:PORT."),
                               max_batch=max_batch, batch_wait_s=batch_wait, store=store,
                               data_dir=data_dir, metrics_port=metrics_port, metrics_host=metrics_host,
                               reload_interval_s=reload_interval, rerank=RerankConfig(k=k),
-                              guarantee=guarantee, commit_interval_s=commit_interval)
+                              guarantee=guarantee, commit_interval_s=commit_interval, cache_mb=cache_mb)
     sys.argv = sys.argv[:1]  # Faust's Worker parses argv itself
     try:
         run_worker(settings, loglevel=loglevel)
@@ -297,6 +299,9 @@ def demo(data: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
 
 @bench_app.command("e2e")
 def bench_e2e(events: int = typer.Option(20000, help="Events per phase."),
+              workload: str = typer.Option(
+                  "shop", help="shop: the demo's (600 items, short histories); scale: 50k users with full "
+                               "histories, 60k items, Zipf activity."),
               users: int = typer.Option(2000, help="Synthetic shop: users."),
               items: int = typer.Option(600, help="Synthetic shop: items."),
               rates: str = typer.Option("max", help="Offered rates, one phase each: 'max' or events/s, "
@@ -307,10 +312,14 @@ def bench_e2e(events: int = typer.Option(20000, help="Events per phase."),
               max_batch: int = typer.Option(512, help="The worker's --max-batch."),
               workers: int = typer.Option(1, help="Worker processes in the consumer group."),
               model: Optional[Path] = typer.Option(None, help="Model dir (default: train a small one)."),
+              compare: str = typer.Option("", help="Baselines run after the worker, same workload: 'naive' "
+                                                   "(a per-event Faust agent), 'commit:<sha>' (an earlier worker)."),
               as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
     """End to end through a real broker: events/s and p50/p99 latency (produced_ts - event ts)."""
-    from streamrec.bench import BROKER_KINDS, E2EOptions, render, run_e2e
+    from streamrec.bench import BROKER_KINDS, WORKLOADS, E2EOptions, render, run_e2e
 
+    if workload not in WORKLOADS:
+        _fail(f"--workload must be one of: {', '.join(WORKLOADS)}")
     if broker_kind not in BROKER_KINDS:
         _fail(f"--broker-kind must be one of: {', '.join(BROKER_KINDS)}")
     try:
@@ -319,9 +328,10 @@ def bench_e2e(events: int = typer.Option(20000, help="Events per phase."),
         _fail(f"--rates takes 'max' or numbers, comma separated; got {rates!r}")
     if not parsed or any(r is not None and r <= 0 for r in parsed):
         _fail("--rates needs at least one phase, each 'max' or a positive rate")
-    result = run_e2e(E2EOptions(events=events, users=users, items=items, rates=parsed, partitions=partitions,
+    result = run_e2e(E2EOptions(events=events, users=users, items=items, workload=workload, rates=parsed,
+                                partitions=partitions,
                                 max_batch=max_batch, workers=workers, model=model, broker_kind=broker_kind,
-                                guarantee=guarantee))
+                                guarantee=guarantee, compare=[c.strip() for c in compare.split(",") if c.strip()]))
     typer.echo(json.dumps(result) if as_json else render(result))
 
 

@@ -24,13 +24,22 @@ PRODUCE_CHUNK = 2000
 
 
 def start_worker(bootstrap: str, model: Path, data_dir: Path, *, group: str = "streamrec",
-                 partitions: int = 4, log_path: Path | None = None, extra: Iterable[str] = ()) -> subprocess.Popen:
-    """``streamrec worker`` as a subprocess (its own session, so it can be stopped cleanly)."""
-    cmd = [sys.executable, "-m", "streamrec.cli", "worker", "--broker", bootstrap, "--model", str(model),
-           "--group", group, "--partitions", str(partitions), "--data-dir", str(data_dir), *extra]
+                 partitions: int = 4, log_path: Path | None = None, extra: Iterable[str] = (),
+                 command: list[str] | None = None, source: Path | None = None) -> subprocess.Popen:
+    """``streamrec worker`` as a subprocess (its own session, so it can be stopped cleanly).
+
+    ``command`` replaces ``python -m streamrec.cli worker`` (a baseline taking the same
+    flags); ``source`` runs the code of another checkout (an earlier commit) instead of this one.
+    """
+    cmd = [*(command or [sys.executable, "-m", "streamrec.cli", "worker"]), "--broker", bootstrap,
+           "--model", str(model), "--group", group, "--partitions", str(partitions), "--data-dir", str(data_dir),
+           *extra]
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "160"}
-    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    if source is not None:
+        env["PYTHONPATH"] = str(source)
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                            cwd=str(source) if source is not None else None)
 
 
 def stop_worker(proc: subprocess.Popen, timeout: float = 20.0) -> int:

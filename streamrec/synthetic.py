@@ -92,3 +92,72 @@ def _event(u: int, item: str, kind: str, ts: float) -> dict:
     uid = user_id(u)
     eid = hashlib.blake2b(f"{uid}|{item}|{kind}|{ts:.6f}".encode(), digest_size=10).hexdigest()
     return {"event_id": eid, "user_id": uid, "item_id": item, "type": kind, "ts": round(ts, 6)}
+
+
+@dataclass(frozen=True)
+class ScaleSpec:
+    """A load-test shop: a large catalogue, users whose histories are already full, and a
+    stream in which a few users are very active and most are not (Zipf over users)."""
+
+    users: int = 50_000
+    items: int = 60_000
+    categories: int = 200
+    history: int = 50              # events each user already has (the encoder's window)
+    user_zipf: float = 1.0         # activity of the user at rank r is proportional to r ** -user_zipf
+    start_ts: float = 1_750_000_000.0
+    seed: int = 0
+
+
+class ScaleShop:
+    """Vectorised walks through a category-structured catalogue (one per user): histories to
+    pre-load as state and training data, then a stream that continues each user's walk."""
+
+    TYPES = ("view", "click", "add_to_cart", "purchase")
+    TYPE_P = (0.82, 0.1, 0.05, 0.03)
+
+    def __init__(self, spec: ScaleSpec = ScaleSpec()):
+        self.spec = spec
+        self.rng = np.random.default_rng(spec.seed)
+        self.per_cat = spec.items // spec.categories
+        rank = np.arange(1, self.per_cat + 1, dtype=float) ** -ZIPF_EXPONENT
+        self.rank_p = rank / rank.sum()
+        # a random popularity order inside each category, so item ids carry no signal
+        self.order = np.stack([self.rng.permutation(self.per_cat) for _ in range(spec.categories)])
+        self.category = self.rng.integers(0, spec.categories, spec.users)
+        self.pos = self.rng.choice(self.per_cat, spec.users, p=self.rank_p)
+        activity = np.arange(1, spec.users + 1, dtype=float) ** -spec.user_zipf
+        self.user_p = (activity / activity.sum())[self.rng.permutation(spec.users)]
+        self.clock = np.full(spec.users, spec.start_ts)
+
+    def item_of(self, category: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        return category * self.per_cat + self.order[category, pos]
+
+    def step(self, users: np.ndarray) -> np.ndarray:
+        """Advance the walks of ``users`` by one event each; returns their item numbers."""
+        rng, n = self.rng, len(users)
+        related = rng.random(n) < RELATED_STEP_P
+        jump = rng.random(n) < 0.05                       # now and then, another interest
+        self.category[users[jump]] = rng.integers(0, self.spec.categories, int(jump.sum()))
+        fresh = rng.choice(self.per_cat, n, p=self.rank_p)
+        self.pos[users] = np.where(related & ~jump, (self.pos[users] + rng.integers(1, 4, n)) % self.per_cat, fresh)
+        self.clock[users] += rng.exponential(600.0, n)
+        return self.item_of(self.category[users], self.pos[users])
+
+    def histories(self) -> dict[str, list[tuple[str, str, float]]]:
+        """Every user's first ``history`` events, oldest first."""
+        users = np.arange(self.spec.users)
+        steps = [(self.step(users), self.rng.choice(4, len(users), p=self.TYPE_P), self.clock.copy())
+                 for _ in range(self.spec.history)]
+        return {user_id(u): [(item_id(int(items[u])), self.TYPES[types[u]], float(ts[u])) for items, types, ts in steps]
+                for u in range(self.spec.users)}
+
+    def stream(self, n: int) -> list[dict]:
+        """``n`` contract events continuing the walks, users drawn by activity (Zipf)."""
+        users = self.rng.choice(self.spec.users, n, p=self.user_p)
+        out = []
+        for start in range(0, n, 4096):   # users repeat within a chunk: step them one at a time
+            for u in users[start:start + 4096]:
+                item = int(self.step(np.array([u]))[0])
+                kind = self.TYPES[int(self.rng.choice(4, p=self.TYPE_P))]
+                out.append(_event(int(u), item_id(item), kind, float(self.clock[u])))
+        return out

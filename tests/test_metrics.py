@@ -118,6 +118,7 @@ def test_dashboard_and_scrape_config_match_the_exported_names():
     m = WorkerMetrics()
     m.set_lag(type("S", (), {"group": "g", "status": "OK", "partitions": []})())
     m.count_dlq("bad")  # a labelled family shows its samples once a child exists
+    m.observe_cache(1, 1, 1, 1)
     exported = {s.name for metric in m.registry.collect() for s in metric.samples} | {
         metric.name for metric in m.registry.collect()}
     assert used and used <= exported, used - exported

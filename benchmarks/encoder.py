@@ -1,0 +1,106 @@
+"""Encoder and index speed: user vectors/s for one new event on a warm user, incremental
+(one position against the cache) vs full recompute of the window, at history lengths 10 and
+50; and FAISS candidate queries/s. On the GPU when there is one (``--device cuda``).
+
+    python benchmarks/encoder.py                       # CPU: fp32 and bf16, batch 512
+    python benchmarks/encoder.py --device cuda --batch 4096
+
+Weights are random (speed does not depend on them); the width and depth are the recipe's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from model.encoder import EncoderConfig, SequenceEncoder
+from model.incremental import EncodeRequest, IncrementalEncoder
+
+
+def histories(rng, users: int, length: int, n_items: int):
+    out = []
+    for _ in range(users):
+        ts = np.cumsum(rng.exponential(600, length + 1)) + 1.7e9
+        items = rng.integers(1, n_items + 1, length + 1)
+        out.append([(f"i{i}", "view", float(t)) for i, t in zip(items, ts)])
+    return out
+
+
+def timed(fn, repeat: int) -> float:
+    fn()  # warm up (allocations, kernels)
+    started = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - started) / repeat
+
+
+def bench_encoder(cfg: EncoderConfig, device: torch.device, batch: int, length: int, bf16: bool, repeat: int):
+    torch.manual_seed(0)
+    enc = SequenceEncoder(cfg).to(device).eval()
+    index = {f"i{n}": n for n in range(1, cfg.n_items + 1)}
+    rng = np.random.default_rng(0)
+    hist = histories(rng, batch, length, cfg.n_items)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    inc = IncrementalEncoder(enc, index, budget_bytes=1 << 34, device=device, dtype=dtype, bf16=bf16)
+    users = [f"u{n}" for n in range(batch)]
+    full_s = timed(lambda: inc.encode([EncodeRequest(u, h, new=length + 1, tail_after="0")
+                                       for u, h in zip(users, hist)]), repeat)
+    step = [0]
+
+    def incremental():  # one new event per (warm) user, the tails chained from call to call
+        step[0] += 1
+        inc.encode([EncodeRequest(u, h, new=1, tail_before=str(step[0] - 1), tail_after=str(step[0]))
+                    for u, h in zip(users, hist)])
+
+    step_s = timed(incremental, repeat)
+    assert inc.stats.hits >= batch * repeat, inc.stats.as_dict()
+    return batch / step_s, batch / full_s
+
+
+def bench_index(dim: int, n_items: int, batch: int, device: torch.device, repeat: int, k: int = 100):
+    from index.item_index import ItemIndex
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(64, dim)).astype(np.float32)
+    items = centers[rng.integers(0, 64, n_items)] + 0.3 * rng.normal(size=(n_items, dim)).astype(np.float32)
+    queries = items[rng.integers(0, n_items, batch)] + 0.3 * rng.normal(size=(batch, dim)).astype(np.float32)
+    out = {}
+    for kind in ("flat", "auto"):
+        index = ItemIndex.build(items, kind=kind)
+        seconds = timed(lambda: index.search(queries, k), repeat)
+        out[index.info.kind] = batch / seconds
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--items", type=int, default=50_000)
+    p.add_argument("--dim", type=int, default=EncoderConfig.dim)
+    p.add_argument("--lengths", type=int, nargs="+", default=[10, 50])
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"device {device}, batch {args.batch}, {args.items:,} items, dim {args.dim}, "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"{'L':>4} {'dtype':>6} {'incremental vec/s':>18} {'full vec/s':>12} {'ratio':>7}")
+    for length in args.lengths:
+        cfg = EncoderConfig(n_items=args.items, dim=args.dim, max_len=max(50, length + 1))
+        for bf16 in (False, True):
+            inc, full = bench_encoder(cfg, device, args.batch, length, bf16, args.repeat)
+            print(f"{length:>4} {'bf16' if bf16 else 'fp32':>6} {inc:>18,.0f} {full:>12,.0f} {inc / full:>6.1f}x")
+    for kind, qps in bench_index(args.dim, args.items, args.batch, device, args.repeat).items():
+        print(f"FAISS {kind:>5}: {qps:,.0f} queries/s (k=100, batch {args.batch})")
+
+
+if __name__ == "__main__":
+    main()

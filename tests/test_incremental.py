@@ -1,0 +1,168 @@
+"""Incremental encoding (one new event against cached keys/values) agrees with full recompute."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.encoder import EncoderConfig, SequenceEncoder
+from model.incremental import EncodeRequest, IncrementalEncoder
+
+# fp32 rounding through two blocks and a softmax: agreement to this many absolute units
+# on vectors whose entries are O(1) (LayerNorm output)
+TOLERANCE = 1e-4
+
+
+def make_encoder(max_len=12, n_items=40, dim=32, heads=4, seed=0):
+    torch.manual_seed(seed)
+    enc = SequenceEncoder(EncoderConfig(n_items=n_items, max_len=max_len, dim=dim, n_heads=heads))
+    for p in enc.parameters():   # a trained-looking model: weights well away from their init
+        torch.nn.init.normal_(p, std=0.3)
+    return enc.eval(), {f"i{n}": n for n in range(1, n_items + 1)}
+
+
+def history(rng, length, n_items=40, unknown=0.0):
+    out, ts = [], 1000.0
+    for _ in range(length):
+        ts += float(rng.exponential(600))
+        item = "never-seen" if rng.random() < unknown else f"i{rng.integers(1, n_items + 1)}"
+        out.append((item, ["view", "click", "add_to_cart", "purchase"][rng.integers(4)], ts))
+    return out
+
+
+def full(enc, index, hist, window):
+    inc = IncrementalEncoder(enc, index, budget_bytes=1 << 20)
+    return inc.encode([EncodeRequest("u", hist[-window:], new=0, tail_before="x", tail_after="x")])[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_event_by_event_equals_full_recompute_up_to_the_window(dtype):
+    enc, index = make_encoder()
+    rng = np.random.default_rng(1)
+    users = {f"u{n}": history(rng, 12) for n in range(6)}
+    inc = IncrementalEncoder(enc, index, budget_bytes=1 << 20, dtype=dtype)
+    tol = TOLERANCE if dtype == torch.float32 else 5e-2
+    for t in range(12):   # one event per user per batch, all users in one batch
+        requests = [EncodeRequest(u, h[: t + 1], new=1, tail_before=str(t - 1) if t else None, tail_after=str(t))
+                    for u, h in users.items()]
+        got = inc.encode(requests)
+        for req, vec in zip(requests, got):
+            np.testing.assert_allclose(vec, full(enc, index, req.history, 12), atol=tol)
+    assert inc.stats.misses == len(users) and inc.stats.hits == 11 * len(users)
+
+
+def test_several_new_events_unknown_items_and_duplicates():
+    enc, index = make_encoder()
+    rng = np.random.default_rng(2)
+    hist = history(rng, 12, unknown=0.25)
+    inc = IncrementalEncoder(enc, index, budget_bytes=1 << 20)
+    inc.encode([EncodeRequest("u", hist[:3], new=3, tail_before=None, tail_after="2")])
+    got = inc.encode([EncodeRequest("u", hist[:8], new=5, tail_before="2", tail_after="7")])[0]
+    np.testing.assert_allclose(got, full(enc, index, hist[:8], 12), atol=TOLERANCE)
+    again = inc.encode([EncodeRequest("u", hist[:8], new=0, tail_before="7", tail_after="7")])[0]
+    np.testing.assert_array_equal(again, got)   # a redelivered batch: the cached vector
+    assert inc.stats.hits == 2 and inc.stats.misses == 1
+
+
+def test_a_stale_entry_or_a_long_gap_falls_back_to_full_recompute():
+    enc, index = make_encoder()
+    rng = np.random.default_rng(3)
+    hist = history(rng, 10)
+    inc = IncrementalEncoder(enc, index, budget_bytes=1 << 20)
+    inc.encode([EncodeRequest("u", hist[:4], new=4, tail_before=None, tail_after="3")])
+    # the cache holds the user up to event "3", but this batch follows event "5" (another worker had it)
+    got = inc.encode([EncodeRequest("u", hist[:7], new=1, tail_before="5", tail_after="6")])[0]
+    np.testing.assert_allclose(got, full(enc, index, hist[:7], 12), atol=TOLERANCE)
+    assert inc.stats.misses == 2
+
+
+def test_past_the_window_the_cache_slides_and_stays_close():
+    enc, index = make_encoder(max_len=8)
+    rng = np.random.default_rng(4)
+    hist = history(rng, 30)
+    inc = IncrementalEncoder(enc, index, budget_bytes=1 << 20)
+    for t in range(30):
+        got = inc.encode([EncodeRequest("u", hist[max(0, t - 7): t + 1], new=1, tail_before=str(t - 1) if t else None,
+                                        tail_after=str(t))])[0]
+    reference = full(enc, index, hist[-8:], 8)
+    # the first layer's keys are the same; the second layer's carry context from before the window
+    cos = float(got @ reference / np.linalg.norm(got) / np.linalg.norm(reference))
+    assert cos > 0.9, cos
+
+
+def test_budget_evicts_least_recently_used_users():
+    enc, index = make_encoder()
+    rng = np.random.default_rng(5)
+    inc = IncrementalEncoder(enc, index, budget_bytes=1)   # room for one user
+    assert inc.capacity == 1
+    inc.encode([EncodeRequest("a", history(rng, 3), new=3, tail_after="a2")])
+    inc.encode([EncodeRequest("b", history(rng, 3), new=3, tail_after="b2")])
+    assert list(inc.slot_of) == ["b"] and inc.stats.evictions == 1
+    assert inc.stats.as_dict()["bytes"] == inc.stats.slot_bytes
+
+
+def test_a_user_without_known_items_gets_zeros_and_no_slot():
+    enc, index = make_encoder()
+    inc = IncrementalEncoder(enc, index, budget_bytes=1 << 20)
+    got = inc.encode([EncodeRequest("cold", [("never-seen", "view", 1.0)], new=1, tail_after="c")])
+    assert not got.any() and "cold" not in inc.slot_of
+
+
+def test_bf16_serving_stays_close_to_fp32():
+    enc, index = make_encoder()
+    rng = np.random.default_rng(6)
+    hist = history(rng, 12)
+    inc = IncrementalEncoder(enc, index, budget_bytes=1 << 20, dtype=torch.bfloat16, bf16=True)
+    inc.encode([EncodeRequest("u", hist[:6], new=6, tail_after="5")])
+    got = inc.encode([EncodeRequest("u", hist[:9], new=3, tail_before="5", tail_after="8")])[0]
+    reference = full(enc, index, hist[:9], 12)
+    cos = float(got @ reference / np.linalg.norm(got) / np.linalg.norm(reference))
+    assert cos > 0.99, cos
+
+
+def test_recommender_lists_from_the_cache_equal_full_recomputation(tiny_model, tiny_shop):
+    """Event by event, the lists made with the incremental encoder (float32) are the lists a
+    full recompute of each user's stored history gives."""
+    from model.incremental import IncrementalEncoder
+    from stream.events import ShopEvent
+    from stream.recommender import Recommender
+    from stream.state import UserState
+
+    cached = Recommender(tiny_model)
+    enc = cached.model.artifact.encoder
+    cached.model.incremental = IncrementalEncoder(enc, cached.model.artifact.token_index, budget_bytes=1 << 24)
+    full = Recommender(tiny_model, cache_bytes=0)
+    assert full.model.incremental is None
+    events = [e for e in tiny_shop[0] if e["user_id"] in {"user-00003", "user-00010", "user-00042"}]
+    states: dict[str, UserState] = {}
+    compared = 0
+    for start in range(0, len(events), 4):   # batches of 4 events
+        batch = events[start:start + 4]
+        users, new, tails = [], [], []
+        for e in batch:
+            state = states.setdefault(e["user_id"], UserState())
+            if e["user_id"] not in users:
+                users.append(e["user_id"]); tails.append(state.last_event_id); new.append(0)
+            new[users.index(e["user_id"])] += state.apply([ShopEvent(e["event_id"], e["user_id"], e["item_id"],
+                                                                     e["type"], e["ts"])])
+        batch_states = [states[u] for u in users]
+        got, _ = cached.recommend(batch_states, users, new, tails)
+        want, _ = full.recommend(batch_states)
+        assert [[i["item_id"] for i in lst] for lst in got] == [[i["item_id"] for i in lst] for lst in want]
+        compared += len(users)
+    assert compared > 20 and cached.model.incremental.stats.hits > 0
+
+
+def test_a_batch_larger_than_the_budget_still_encodes_everyone():
+    enc, index = make_encoder()
+    rng = np.random.default_rng(7)
+    inc = IncrementalEncoder(enc, index, budget_bytes=1)
+    inc = IncrementalEncoder(enc, index, budget_bytes=2 * inc.stats.slot_bytes)   # two users
+    hists = [history(rng, 5) for _ in range(5)]
+    got = inc.encode([EncodeRequest(f"u{n}", h, new=5, tail_after=f"t{n}") for n, h in enumerate(hists)])
+    for n, h in enumerate(hists):
+        np.testing.assert_allclose(got[n], full(enc, index, h, 12), atol=TOLERANCE)
+    assert len(inc.slot_of) == inc.capacity == 2 and list(inc.slot_of) == ["u3", "u4"]
+    step = inc.encode([EncodeRequest("u4", hists[4] + history(rng, 1), new=1, tail_before="t4", tail_after="x")])
+    assert inc.stats.hits == 1 and np.isfinite(step).all()
