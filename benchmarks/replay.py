@@ -20,7 +20,8 @@ import numpy as np
 
 from stream.broker import EmbeddedBroker
 from stream.compat import ensure_topics, log_end_offsets
-from stream.replay import load_events, replay
+from stream.logs import load_events
+from stream.replay import replay
 from aiokafka import TopicPartition
 
 TOPIC = "shop-events"

@@ -96,7 +96,9 @@ def evaluate(artifact, log: Log, split: str = "test", ks=(10, 20), batch_size: i
     with torch.inference_mode():
         item_vecs = artifact.encoder.item_vectors().float()
         ranks = target_ranks(users, item_vecs, es, batch_size)
-    return metrics_from_ranks(ranks, ks)
+    out = metrics_from_ranks(ranks, ks)
+    out["unknown_targets"] = int((es.targets == 0).sum())   # items the model never saw: misses
+    return out
 
 
 def evaluate_popularity(log: Log, split: str = "test", ks=(10, 20)) -> dict:

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from model.data import Interaction, TYPE_ID, featurize, gap_bucket, left_pad
 from model.encoder import SequenceEncoder, rotate

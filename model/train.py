@@ -210,6 +210,13 @@ def train(log: Log | str | Path, cfg: TrainConfig | None = None, out_dir: str | 
                     metrics["HR@10"], metrics["NDCG@10"], history[-1]["seconds"])
         if out_of_time or time.time() > deadline:
             stopped = "max_minutes"
+            bar.set_description("train (time cap)")
+            message = (f"stopped at the {cfg.max_minutes:g}-minute cap after {epoch}/{cfg.epochs} epochs (the "
+                       f"learning rate had decayed over the minutes); best validation NDCG@10 {best:.4f}")
+            if progress:
+                bar.write(message)
+            else:
+                logger.info(message)
             break
         if bad_epochs >= cfg.patience:
             stopped = "early_stopping"
@@ -275,4 +282,4 @@ def plot_curve(history: list[dict], path: Path) -> None:
 
 
 def _fmt(m: dict) -> str:
-    return " ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "users")
+    return " ".join(f"{k} {v:.4f}" for k, v in m.items() if k not in ("users", "unknown_targets"))

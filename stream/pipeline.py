@@ -27,14 +27,17 @@ import numpy as np
 from aiokafka import TopicPartition
 
 from stream.delivery import DeliveryFailed
-from stream.events import (DLQ_TOPIC, RECOMMENDATIONS_TOPIC, InvalidMessage, ShopEvent, decode_event,
-                           encode_dead_letter, encode_recommendations)
+from stream.events import (DELETE_USER, DLQ_TOPIC, RECOMMENDATIONS_TOPIC, InvalidMessage, ShopEvent,
+                           decode_event, encode_dead_letter, encode_recommendations)
 from stream.intake import RecordIntake
 from stream.state import StateTable, UserState
 
 log = logging.getLogger(__name__)
 
 EXIT_BATCH_FAILED = 70
+# Retention: rows of the local state the sweep looks at per batch (a bounded cost: ~32 state
+# decodes), over the assigned partitions in turn.
+SWEEP_ROWS_PER_BATCH = 32
 RECOMMEND_ATTEMPTS = 3
 RECOMMEND_RETRY_BACKOFF_S = 1.0
 STAGES = ("state", "encode", "search", "rerank", "publish")
@@ -52,7 +55,8 @@ class Batch:
     states: list[UserState] = field(default_factory=list)
     new: list[int] = field(default_factory=list)          # events the batch appended to each state
     tails: list[str | None] = field(default_factory=list)  # each user's last event before the batch
-    changelog: list[tuple[int, bytes, bytes]] = field(default_factory=list)   # (partition, key, state)
+    changelog: list[tuple[int, bytes, bytes | None]] = field(default_factory=list)  # (partition, key, state)
+    erased: list[tuple[int, bytes]] = field(default_factory=list)    # users deleted: (partition, key)
     dead: list[tuple[int, bytes | None, bytes, str]] = field(default_factory=list)  # (partition, key, record, reason)
     events: list[ShopEvent] = field(default_factory=list)
     state_s: float = 0.0
@@ -60,7 +64,8 @@ class Batch:
 
 class BatchPipeline:
     def __init__(self, *, recommender, table: StateTable, delivery, intake: RecordIntake, changelog_topic: str,
-                 max_batch: int, batch_wait_s: float, metrics=None, catalogue_updates: list | None = None):
+                 max_batch: int, batch_wait_s: float, metrics=None, catalogue_updates: list | None = None,
+                 state_ttl_s: float | None = None):
         self.recommender = recommender
         self.table = table
         self.delivery = delivery
@@ -70,6 +75,9 @@ class BatchPipeline:
         self.batch_wait_s = batch_wait_s
         self.metrics = metrics
         self.catalogue_updates = catalogue_updates if catalogue_updates is not None else []
+        self.state_ttl_s = state_ttl_s          # users inactive longer than this (stream time) are erased
+        self.active_partitions: set[int] = set()   # of the state table: assigned to this worker
+        self._stream_time = 0.0                 # the newest event ts seen
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recommend")
         self._handoff: asyncio.Queue = asyncio.Queue(maxsize=1)   # at most one batch ahead of stage 2
         self._seq = 0
@@ -82,7 +90,7 @@ class BatchPipeline:
         self._open.set()
         self._durable: list[tuple[int, asyncio.Future]] = []   # (partition, changelog send) awaiting persist
         self._cache_seen = (0, 0)   # encoder cache hits and misses already counted in the metrics
-        self.stats = {"events": 0, "dlq": 0, "published": 0, "batches": 0,
+        self.stats = {"events": 0, "dlq": 0, "published": 0, "batches": 0, "expired": 0,
                       "seconds": dict.fromkeys(STAGES, 0.0)}
 
     # ------------------------------------------------------------------ running
@@ -100,7 +108,8 @@ class BatchPipeline:
             batch = self.prepare(self._seq, chunks)
             updates, self.catalogue_updates[:] = list(self.catalogue_updates), []
             future = loop.run_in_executor(self.executor, self.recommender.recommend_batch, batch.states,
-                                          batch.events, updates, batch.users, batch.new, batch.tails)
+                                          batch.events, updates, batch.users, batch.new, batch.tails,
+                                          [key.decode() for _, key in batch.erased])
             self._in_flight += 1
             self._idle.clear()
             await self._handoff.put((batch, future, updates))
@@ -155,31 +164,61 @@ class BatchPipeline:
                     batch.dead.append((p, record.key, encode_dead_letter(
                         record.value, exc.reason, record.topic, p, record.offset, record.key), exc.reason))
                     continue
-                batch.events.append(event)
                 entry = by_user.get(event.user_id)
                 if entry is None:
-                    by_user[event.user_id] = (p, [event])
+                    entry = by_user[event.user_id] = [p, [], False]
+                if event.type == DELETE_USER:   # what came before is erased; what follows starts afresh
+                    entry[1], entry[2] = [], True
                 else:
                     entry[1].append(event)
+                    batch.events.append(event)
         by_partition: dict[int, list[str]] = {}
-        for user, (p, _) in by_user.items():
+        for user, (p, _, _) in by_user.items():
             by_partition.setdefault(p, []).append(user)
         for p, users in by_partition.items():
             keys = [u.encode() for u in users]
             for user, key, raw in zip(users, keys, self.table.get_many(p, keys)):
-                state = self._decode_state(user, raw)
-                batch.tails.append(state.last_event_id)
-                applied = state.apply(by_user[user][1])
-                batch.new.append(applied)
+                _, events, erased = by_user[user]
+                state = UserState() if erased else self._decode_state(user, raw)
+                tail = state.last_event_id
+                applied = state.apply(events)
+                if erased:
+                    batch.erased.append((p, key))
+                    if not applied:   # nothing after the delete: no state, no list
+                        self.table.stage(seq, p, key, None)
+                        batch.changelog.append((p, key, None))
+                        continue
                 if applied:
                     value = state.encode()
                     self.table.stage(seq, p, key, value)
                     batch.changelog.append((p, key, value))
+                batch.tails.append(tail)
+                batch.new.append(applied)
                 batch.users.append(user)
                 batch.partitions.append(p)
                 batch.states.append(state)
+        if batch.events:
+            self._stream_time = max(self._stream_time, max(e.ts for e in batch.events))
+        if self.state_ttl_s:
+            self._expire(batch, seq, {user.encode() for user in by_user})
         batch.state_s = time.perf_counter() - started
         return batch
+
+    def _expire(self, batch: Batch, seq: int, touched: set[bytes]) -> None:
+        """Retention: erase the users, among the next rows of the sweep, inactive past the TTL."""
+        cutoff = self._stream_time - self.state_ttl_s
+        for p, key, value in self.table.scan(self.active_partitions, SWEEP_ROWS_PER_BATCH):
+            if key in touched:
+                continue
+            try:
+                last = UserState.decode(value).last_event_ts
+            except Exception:
+                continue
+            if last is not None and last < cutoff:
+                self.table.stage(seq, p, key, None)
+                batch.changelog.append((p, key, None))
+                batch.erased.append((p, key))
+                self.stats["expired"] += 1
 
     @staticmethod
     def _decode_state(user: str, raw: bytes | None) -> UserState:
@@ -196,6 +235,8 @@ class BatchPipeline:
         send = self.delivery.send
         now = time.time()
         sent = []
+        for p, key in batch.erased:   # a tombstone: the shop drops the user's list
+            sent.append(await send(RECOMMENDATIONS_TOPIC, key, None, p))
         for user, p, state, ranked in zip(batch.users, batch.partitions, batch.states, lists):
             sent.append(await send(RECOMMENDATIONS_TOPIC, user.encode(), encode_recommendations(
                 user, ranked, version, state.last_event_id, state.last_event_ts, now), p))

@@ -209,17 +209,20 @@ class Recommender:
 
     # --- the batch path
     def recommend_batch(self, states: list[UserState], events=(), catalogue_updates=(), users=None, new=None,
-                        tails=None):
+                        tails=None, forget=()):
         """The recommend thread's one entry point: catalogue changes, a pending model swap and the
         batch's events (trending) are applied here, between batches, then the lists are made.
 
         ``users``, ``new`` (events the batch appended to each state) and ``tails`` (each user's last
-        event before them) let the encoder fold in only what is new. Returns (lists, model
-        version, stage seconds).
+        event before them) let the encoder fold in only what is new; ``forget`` names erased
+        users, whose cached keys and values go. Returns (lists, model version, stage seconds).
         """
         if catalogue_updates:
             self.apply_catalogue(catalogue_updates)
         self.swap_if_pending()
+        if forget and self.model.incremental is not None:
+            for user in forget:
+                self.model.incremental.forget(user)
         if events:
             self.trending.observe([e.item_id for e in events], [e.ts for e in events],
                                   event_weights([e.type for e in events]))

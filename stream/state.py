@@ -95,6 +95,8 @@ class StateTable:
     def __init__(self, table):
         self.table = table
         self._staged: dict[bytes, tuple[int, int, bytes]] = {}   # key -> (batch, partition, value)
+        self._scan_partition: int | None = None                  # where the retention sweep is
+        self._scan_after: bytes | None = None
 
     @property
     def store(self):
@@ -110,7 +112,7 @@ class StateTable:
         for n, key in enumerate(keys):
             row = self._staged.get(key)
             if row is not None:
-                out[n] = row[2]
+                out[n] = row[2]   # None: a staged deletion
             else:
                 missing.append(n)
         if missing:
@@ -125,7 +127,8 @@ class StateTable:
             return store._db_for_partition(partition).get(keys)
         return [store.data.get(key) for key in keys]
 
-    def stage(self, batch: int, partition: int, key: bytes, value: bytes) -> None:
+    def stage(self, batch: int, partition: int, key: bytes, value: bytes | None) -> None:
+        """A new row for ``key`` (None deletes it), written to the store once durable."""
         self._staged[key] = (batch, partition, value)
 
     def persist(self, upto_batch: int, changelog_offsets: dict[int, int]) -> int:
@@ -146,12 +149,20 @@ class StateTable:
             for partition, rows in by_partition.items():
                 batch = rocksdict.WriteBatch(raw_mode=True)
                 for key, value in rows:
-                    batch.put(key, value)
+                    if value is None:
+                        batch.delete(key)
+                    else:
+                        batch.put(key, value)
                 store._db_for_partition(partition).write(batch)
         else:
             for partition, rows in by_partition.items():
-                store.data.update(rows)
-                store._key_partition.update((key, partition) for key, _ in rows)
+                for key, value in rows:
+                    if value is None:
+                        store.data.pop(key, None)
+                        store._key_partition.pop(key, None)
+                    else:
+                        store.data[key] = value
+                        store._key_partition[key] = partition
         if changelog_offsets:
             from faust.types import TP
 
@@ -163,3 +174,43 @@ class StateTable:
     def discard(self) -> None:
         """Forget staged rows (their batches will be processed again)."""
         self._staged.clear()
+
+    def scan(self, partitions, limit: int):
+        """Up to ``limit`` (partition, key, value) rows of ``partitions``, continuing where the last
+        call stopped and starting over at the end: the retention sweep's bounded step. Staged
+        rows win over stored ones; staged deletions are skipped."""
+        partitions = sorted(partitions)
+        out: list[tuple[int, bytes, bytes]] = []
+        for _ in range(len(partitions) + 1):   # at most one pass over every partition per call
+            if len(out) >= limit or not partitions:
+                break
+            if self._scan_partition not in partitions:
+                self._scan_partition, self._scan_after = partitions[0], None
+            p, want = self._scan_partition, limit - len(out)
+            rows = self._rows_after(p, self._scan_after, want)
+            for key, value in rows:
+                self._scan_after = key
+                staged = self._staged.get(key)
+                value = staged[2] if staged is not None else value
+                if value is not None:
+                    out.append((p, key, value))
+            if len(rows) < want:   # the end of this partition: the next one, from its start
+                later = [q for q in partitions if q > p]
+                self._scan_partition, self._scan_after = (later or partitions)[0], None
+        return out
+
+    def _rows_after(self, partition: int, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
+        store = self.store
+        rows = []
+        if hasattr(store, "_db_for_partition"):
+            items = store._db_for_partition(partition).items(from_key=after) if after else \
+                store._db_for_partition(partition).items()
+            for key, value in items:
+                if key == after or key == store.offset_key:
+                    continue
+                rows.append((key, value))
+                if len(rows) >= limit:
+                    break
+            return rows
+        keys = sorted(k for k, q in store._key_partition.items() if q == partition and (after is None or k > after))
+        return [(k, store.data[k]) for k in keys[:limit] if k in store.data]

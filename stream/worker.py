@@ -61,6 +61,7 @@ class WorkerSettings:
     commit_interval_s: float = 0.1  # offsets (or transactions) committed at most this often
     replication: int | None = None  # of the topics the worker creates; default min(3, brokers)
     cache_mb: int = DEFAULT_BUDGET_BYTES >> 20   # encoder key/value cache for active users (0: off)
+    state_ttl_s: float | None = None  # erase users inactive this long (event time), in the background
 
     @property
     def changelog_topic(self) -> str:
@@ -155,7 +156,7 @@ def create_app(settings: WorkerSettings, recommender: Recommender, profile: comp
     pipeline = BatchPipeline(recommender=recommender, table=StateTable(table), delivery=delivery, intake=intake,
                              changelog_topic=settings.changelog_topic, max_batch=settings.max_batch,
                              batch_wait_s=settings.batch_wait_s, metrics=metrics,
-                             catalogue_updates=catalogue_updates)
+                             catalogue_updates=catalogue_updates, state_ttl_s=settings.state_ttl_s)
     app.pipeline = pipeline  # for tests and diagnostics
 
     @app.agent(events, name="recommend")
@@ -178,6 +179,7 @@ def create_app(settings: WorkerSettings, recommender: Recommender, profile: comp
     @app.on_partitions_assigned.connect
     async def start_assigned(sender, assigned, **kwargs):
         await delivery.on_assigned([TopicPartition(tp.topic, tp.partition) for tp in assigned])
+        pipeline.active_partitions = {tp.partition for tp in assigned if tp.topic == EVENTS_TOPIC}
         pipeline.reopen()
 
     async def dead_letter(record, reason: str) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 
 from stream.events import EVENTS_TOPIC
 from streamrec import harness
-from streamrec.synthetic import ShopSpec, generate
+from streamrec.synthetic import ShopSpec, extend_in_time, generate
 
 REBALANCE_SETTLE_S = 8.0
 BROKER_KINDS = ("tansu", "kafka")
@@ -56,12 +56,8 @@ class E2EOptions:
 
 def shop_events(options: E2EOptions) -> list[dict]:
     """The synthetic shop's events, repeated later in time until there are ``options.events``."""
-    events = generate(ShopSpec(users=options.users, items=options.items, seed=options.seed))
-    while len(events) < options.events:
-        shift = events[-1]["ts"] - events[0]["ts"] + 1.0
-        events += [{**e, "event_id": f"{e['event_id']}+{len(events)}", "ts": e["ts"] + shift}
-                   for e in events[: options.events - len(events)]]
-    return events[: options.events]
+    return extend_in_time(generate(ShopSpec(users=options.users, items=options.items, seed=options.seed)),
+                          options.events)
 
 
 def start_broker(kind: str, workdir: Path):

@@ -23,7 +23,7 @@ from rich.table import Table
 from stream.broker import EmbeddedBroker
 from stream.events import DLQ_TOPIC, EVENTS_TOPIC
 from streamrec import harness
-from streamrec.synthetic import ShopSpec, generate
+from streamrec.synthetic import ShopSpec, extend_in_time, generate
 
 TRAIN_SHARE = 0.8            # oldest share of the traffic trains the model; the rest is streamed
 WATCHED_USERS = 3
@@ -46,7 +46,7 @@ class DemoOptions:
 def load_events(options: DemoOptions) -> list[dict]:
     if options.data is None:
         return generate(ShopSpec(users=options.users, items=options.items, seed=options.seed))
-    from stream.replay import load_events as read_log
+    from stream.logs import load_events as read_log
 
     events, rejected, _, _ = read_log(options.data)
     if rejected:
@@ -80,7 +80,8 @@ def run_demo(options: DemoOptions) -> dict:
             summary = asyncio.run(stream_live(broker.bootstrap, history, live, options, log_path, console))
         finally:
             harness.stop_worker(worker)
-    summary["model"] = json.loads((model_dir / "metadata.json").read_text()).get("metrics", {}).get("test", {})
+    test = json.loads((model_dir / "metadata.json").read_text()).get("metrics", {}).get("test", {})
+    summary["model"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in test.items()}
     summary["wall_seconds"] = round(time.time() - started, 1)
     if options.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -116,7 +117,10 @@ async def stream_live(bootstrap: str, history: list[dict], live: list[dict], opt
     live_users = {e["user_id"] for e in live}
     watched = [u for u in dict.fromkeys(e["user_id"] for e in reversed(history)) if u in live_users][:WATCHED_USERS]
     budget = int(options.rate * options.seconds)
-    stream = live[:budget]
+    stream = extend_in_time(live, budget)
+    if len(stream) > len(live):
+        console.print(f"    the held-out traffic has {len(live):,} events: replayed again, later in time, "
+                      f"to fill {options.seconds:.0f} s at {options.rate:,.0f}/s")
     sent = [0]
     console.print(f"[bold]4/4[/] streaming {len(stream):,} events at {options.rate:,.0f}/s "
                   f"(event ts = send time, so latency is end to end)")

@@ -113,6 +113,7 @@ class ListCollector:
         self.latest: dict[str, dict] = {}
         self.listed: set[str] = set()   # every event id a list was published for
         self.seen: Counter[tuple[str, str]] = Counter()   # (user, event id) -> lists
+        self.tombstones: set[str] = set()                 # users whose list was withdrawn
         self.messages = 0
         self.latencies: list[float] = []          # produced_ts - event ts (the worker's side)
         self.visible_latencies: list[float] = []  # arrival here - event ts (what a shop sees)
@@ -140,6 +141,10 @@ class ListCollector:
             arrived = time.time()
             for records in batches.values():
                 for r in records:
+                    if r.value is None:   # a tombstone: the user was erased
+                        self.latest.pop(r.key.decode(), None)
+                        self.tombstones.add(r.key.decode())
+                        continue
                     msg = decode_recommendations(r.value)
                     self.latest[msg["user_id"]] = msg
                     self.listed.add(msg["event_id"])

@@ -88,6 +88,18 @@ def generate(spec: ShopSpec = ShopSpec()) -> list[dict]:
     return events
 
 
+def extend_in_time(events: list[dict], n: int) -> list[dict]:
+    """``n`` events: ``events`` again and again, each round later in time, with fresh ids."""
+    if not events:
+        return []
+    out = list(events[:n])
+    while len(out) < n:
+        shift = out[-1]["ts"] - events[0]["ts"] + 1.0
+        out += [{**e, "event_id": f"{e['event_id']}+{len(out)}", "ts": e["ts"] + shift}
+                for e in events[: n - len(out)]]
+    return out
+
+
 def _event(u: int, item: str, kind: str, ts: float) -> dict:
     uid = user_id(u)
     eid = hashlib.blake2b(f"{uid}|{item}|{kind}|{ts:.6f}".encode(), digest_size=10).hexdigest()

@@ -85,3 +85,25 @@ def test_worker_refuses_a_state_changelog_partitioned_unlike_the_events(broker, 
                                  "--group", "odd", "--data-dir", str(tmp_path / "state")])
     assert result.exit_code == 2, result.output
     assert f"odd-user-state-changelog has 5 partitions, {counts['shop-events']} expected" in result.output
+
+
+def test_eval_takes_a_folder_of_versions_and_explains_a_missing_model(shop_log, tmp_path, tiny_model):
+    import shutil
+
+    versions = tmp_path / "versions"
+    shutil.copytree(tiny_model, versions / "v1")
+    result = runner.invoke(app, ["eval", "--model", str(versions), "--data", str(shop_log), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["model"].endswith("v1")
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["eval", "--model", str(tmp_path / "empty"), "--data", str(shop_log)])
+    assert result.exit_code == 2 and "no model directory" in result.output
+
+
+def test_eval_warns_when_the_log_is_from_another_shop(tiny_model, tmp_path):
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"v": 1, "event_id": f"e{n}", "user_id": f"u{n % 5}", "item_id": f"x{n}",
+                                         "type": "view", "ts": float(n)}) + "\n" for n in range(40)))
+    result = runner.invoke(app, ["eval", "--model", str(tiny_model), "--data", str(other)])
+    assert result.exit_code == 0, result.output
+    assert "unknown to the model" in result.output

@@ -45,11 +45,26 @@ def test_integer_ts_is_accepted_as_float():
     (pack({**GOOD, "ts": "yesterday"}), "ts must be a number"),
     (pack({**GOOD, "ts": float("nan")}), "invalid ts"),
     (pack({**GOOD, "ts": -1}), "invalid ts"),
+    (pack({**GOOD, "ts": float("inf")}), "invalid ts"),
+    (pack({**GOOD, "user_id": "u" * 200_000}), "user_id longer than 256"),
+    (pack({**GOOD, "item_id": "i" * 257}), "item_id longer than 256"),
+    (pack({k: v for k, v in GOOD.items() if k != "event_id"} | {"type": "delete_user"}), "missing event_id"),
 ])
 def test_rejects_with_reason(value, reason):
     with pytest.raises(InvalidMessage) as err:
         decode_event(value)
     assert err.value.reason.startswith(reason)
+
+
+def test_delete_user_needs_no_item_and_round_trips():
+    from stream.events import DELETE_USER, delete_user_event, encode_event
+
+    msg = {k: v for k, v in GOOD.items() if k != "item_id"} | {"type": "delete_user"}
+    event = decode_event(pack(msg))
+    assert (event.type, event.item_id, event.user_id) == (DELETE_USER, "", GOOD["user_id"])
+    again = decode_event(encode_event(delete_user_event("u9", "e9", 5.0)))
+    assert (again.type, again.user_id, again.event_id, again.ts) == (DELETE_USER, "u9", "e9", 5.0)
+    assert b"item_id" not in encode_event(delete_user_event("u9", "e9", 5.0))
 
 
 def test_dead_letter_keeps_original_bytes_and_source():

@@ -4,7 +4,6 @@ without transactions makes the worker refuse the option clearly."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess

@@ -12,8 +12,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from stream.compat import ensure_topics, log_end_offsets
 from stream.events import decode_event, encode_event, encode_recommendations
-from stream.replay import (SEQUENCE_EVENT_TYPE, SEQUENCE_STEP_S, LogFormatError, Rejected, ReplayRecord,
-                           iter_log, load_events, replay)
+from stream.logs import (SEQUENCE_EVENT_TYPE, SEQUENCE_STEP_S, LogFormatError, Rejected, ReplayRecord, iter_log,
+                         load_events)
+from stream.replay import replay
 
 
 def split(path, **kw):

@@ -45,3 +45,44 @@ def test_coalesce_groups_by_user_in_arrival_order():
     grouped = coalesce_by_user(pairs)
     assert list(grouped) == ["a", "b"]
     assert [e.event_id for e, _ in grouped["a"]] == ["e1", "e3"]
+
+
+class _MemoryStore:   # what StateTable reads of Faust's memory store
+    def __init__(self):
+        self.data, self._key_partition, self.offsets = {}, {}, {}
+
+    def set_persisted_offset(self, tp, offset):
+        self.offsets[tp.partition] = offset
+
+
+class _Table:
+    def __init__(self):
+        self.data = _MemoryStore()
+        self.changelog_topic = type("T", (), {"get_topic_name": lambda self: "changelog"})()
+
+
+def test_state_table_stages_until_durable_then_persists_and_deletes():
+    from stream.state import StateTable
+
+    table = StateTable(_Table())
+    table.stage(1, 0, b"a", b"A1")
+    table.stage(2, 1, b"b", b"B2")
+    assert table.get_many(0, [b"a", b"zz"]) == [b"A1", None] and table.store.data == {}
+    assert table.persist(1, {0: 7}) == 1            # batch 1 is durable, batch 2 not yet
+    assert table.store.data == {b"a": b"A1"} and table.store.offsets == {0: 7} and table.staged == 1
+    table.stage(3, 0, b"a", None)                    # erased: a staged deletion reads as missing
+    assert table.get_many(0, [b"a"]) == [None]
+    table.persist(3, {})
+    assert table.store.data == {b"b": b"B2"} and b"a" not in table.store._key_partition
+
+
+def test_state_table_scan_walks_the_partitions_in_bounded_steps():
+    from stream.state import StateTable
+
+    table = StateTable(_Table())
+    for n in range(5):
+        table.stage(1, n % 2, f"k{n}".encode(), f"v{n}".encode())
+    table.persist(1, {})
+    seen = [key for _ in range(3) for _, key, _ in table.scan({0, 1}, 2)]
+    assert sorted(seen[:5]) == [b"k0", b"k1", b"k2", b"k3", b"k4"]   # every row, 2 at a time
+    assert table.scan(set(), 2) == []
