@@ -164,8 +164,9 @@ def encode_item(item_id: str, in_stock: bool = True, attributes=(), boost: float
 
 
 def encode_recommendations(user_id: str, items: list[dict], model_version: str,
-                           event_id: str, event_ts: float, produced_ts: float | None = None) -> bytes:
-    return msgpack.packb({
+                           event_id: str, event_ts: float, produced_ts: float | None = None,
+                           variant: str | None = None) -> bytes:
+    msg = {
         "v": SCHEMA_VERSION,
         "user_id": user_id,
         "items": items,
@@ -173,7 +174,10 @@ def encode_recommendations(user_id: str, items: list[dict], model_version: str,
         "event_id": event_id,
         "event_ts": event_ts,
         "produced_ts": time.time() if produced_ts is None else produced_ts,
-    }, use_bin_type=True)
+    }
+    if variant is not None:   # A/B variants only (an optional key of the v1 contract)
+        msg["variant"] = variant
+    return msgpack.packb(msg, use_bin_type=True)
 
 
 def decode_recommendations(value: bytes) -> dict:

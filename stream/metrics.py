@@ -52,8 +52,8 @@ class WorkerMetrics:
         self.events = Counter("streamrec_events_processed", "Shop events processed", registry=r)
         self.dlq = Counter("streamrec_dlq_messages", "Messages sent to the dead-letter topic", ["reason"],
                            registry=r)
-        self.published = Counter("streamrec_recommendations_published", "Recommendation lists published",
-                                 registry=r)
+        self.published = Counter("streamrec_recommendations_published", "Recommendation lists published, per "
+                                 "A/B variant ('default' without variants)", ["variant"], registry=r)
         self.cache_lookups = Counter("streamrec_encoder_cache_lookups", "Users encoded, by outcome: hit "
                                      "(incremental) or miss (full recompute)", ["outcome"], registry=r)
         self.cache_bytes = Gauge("streamrec_encoder_cache_bytes", "Bytes of cached keys/values (active users)",
@@ -64,8 +64,8 @@ class WorkerMetrics:
         self.stage_latency = Histogram("streamrec_stage_latency_seconds", "Time per batch in each stage",
                                        ["stage"], buckets=STAGE_BUCKETS, registry=r)
         self.event_latency = Histogram("streamrec_event_to_list_latency_seconds",
-                                       "From the event's ts to its recommendation list being produced",
-                                       buckets=EVENT_LATENCY_BUCKETS, registry=r)
+                                       "From the event's ts to its recommendation list being produced, per variant",
+                                       ["variant"], buckets=EVENT_LATENCY_BUCKETS, registry=r)
         self._stages = {s: self.stage_latency.labels(stage=s) for s in STAGES}  # exported from the start
         self._server = None
         self._collector: LagCollector | None = None
@@ -100,15 +100,15 @@ class WorkerMetrics:
         finally:
             self.observe_stage(stage, time.perf_counter() - start)
 
-    def observe_event_latency(self, seconds) -> None:
+    def observe_event_latency(self, seconds, variant: str = "default") -> None:
         """Event-to-list latencies of a whole batch (an array or a list of seconds)."""
-        observe_many(self.event_latency, seconds)
+        observe_many(self.event_latency.labels(variant=variant), seconds)
 
     def count_dlq(self, reason: str, n: int = 1) -> None:
         self.dlq.labels(reason=reason).inc(n)
 
-    def count_published(self, n: int = 1) -> None:
-        self.published.inc(n)
+    def count_published(self, n: int = 1, variant: str = "default") -> None:
+        self.published.labels(variant=variant).inc(n)
 
     def set_lag(self, snapshot) -> None:
         """Set the lag gauges from a :class:`stream.lag.LagSnapshot`."""

@@ -35,6 +35,7 @@ from stream.state import StateTable, UserState
 log = logging.getLogger(__name__)
 
 EXIT_BATCH_FAILED = 70
+DEFAULT_VARIANT = "default"   # the metrics' variant label without A/B variants
 # Retention: rows of the local state the sweep looks at per batch (a bounded cost: ~32 state
 # decodes), over the assigned partitions in turn.
 SWEEP_ROWS_PER_BATCH = 32
@@ -230,16 +231,17 @@ class BatchPipeline:
 
     # ------------------------------------------------------------------ stage 2
     async def finish(self, batch: Batch, future, updates) -> None:
-        lists, version, timings = await self._recommend(batch, future, updates)
+        result = await self._recommend(batch, future, updates)
         started = time.perf_counter()
         send = self.delivery.send
         now = time.time()
         sent = []
         for p, key in batch.erased:   # a tombstone: the shop drops the user's list
             sent.append(await send(RECOMMENDATIONS_TOPIC, key, None, p))
-        for user, p, state, ranked in zip(batch.users, batch.partitions, batch.states, lists):
+        for user, p, state, ranked, version, variant in zip(batch.users, batch.partitions, batch.states,
+                                                             result.lists, result.versions, result.variants):
             sent.append(await send(RECOMMENDATIONS_TOPIC, user.encode(), encode_recommendations(
-                user, ranked, version, state.last_event_id, state.last_event_ts, now), p))
+                user, ranked, version, state.last_event_id, state.last_event_ts, now, variant), p))
         for p, key, value in batch.changelog:
             fut = await send(self.changelog_topic, key, value, p, partition=p)
             sent.append(fut)
@@ -251,7 +253,7 @@ class BatchPipeline:
         if self.delivery.batch_durable():
             self._persist(batch.seq)
         await self._commit(batch.offsets)
-        self._account(batch, timings, time.perf_counter() - started)
+        self._account(batch, result, time.perf_counter() - started)
 
     async def _recommend(self, batch: Batch, future, updates):
         loop = asyncio.get_running_loop()
@@ -275,13 +277,13 @@ class BatchPipeline:
         self._durable.clear()
         self.table.persist(upto_seq, offsets)
 
-    def _account(self, batch: Batch, timings: dict, publish_s: float) -> None:
+    def _account(self, batch: Batch, result, publish_s: float) -> None:
         stats = self.stats
         stats["events"] += batch.records
         stats["dlq"] += len(batch.dead)
         stats["published"] += len(batch.users)
         stats["batches"] += 1
-        seconds = {"state": batch.state_s, **timings, "publish": publish_s}
+        seconds = {"state": batch.state_s, **result.timings, "publish": publish_s}
         for stage, spent in seconds.items():
             stats["seconds"][stage] = stats["seconds"].get(stage, 0.0) + spent
         m = self.metrics
@@ -289,11 +291,15 @@ class BatchPipeline:
             m.observe_batch(batch.records)
             for stage, spent in seconds.items():
                 m.observe_stage(stage, spent)
-            m.count_published(len(batch.users))
             for _, _, _, reason in batch.dead:
                 m.count_dlq(reason.split(":")[0])
             if batch.states:
-                m.observe_event_latency(time.time() - np.fromiter((s.last_event_ts for s in batch.states), float))
+                latency = time.time() - np.fromiter((s.last_event_ts for s in batch.states), float)
+                variants = np.array([v or DEFAULT_VARIANT for v in result.variants])
+                for variant in np.unique(variants):
+                    mine = variants == variant
+                    m.count_published(int(mine.sum()), variant)
+                    m.observe_event_latency(latency[mine], variant)
             cache = self.recommender.cache_counters()
             if cache:
                 m.observe_cache(cache["cache_hits"] - self._cache_seen[0], cache["cache_misses"] - self._cache_seen[1],

@@ -36,6 +36,16 @@ TUNING_USERS = 512          # user vectors the ANN index's nprobe is tuned on
 REFIT_GROWTH = 1.2          # refit the attribute embedder when the catalogue grew by 20%
 
 
+@dataclass
+class BatchResult:
+    """What the recommend thread hands back for a batch: one entry per user, in order."""
+
+    lists: list[list[dict]]
+    versions: list[str]             # the model version that made each list
+    variants: list[str | None]      # each user's A/B variant (None without variants)
+    timings: dict[str, float]       # stage seconds: encode, search, rerank
+
+
 def resolve_model_dir(path: str | Path) -> Path:
     """A model directory, or a folder of them (the newest complete one wins), or a symlink."""
     path = Path(path)
@@ -215,7 +225,7 @@ class Recommender:
 
         ``users``, ``new`` (events the batch appended to each state) and ``tails`` (each user's last
         event before them) let the encoder fold in only what is new; ``forget`` names erased
-        users, whose cached keys and values go. Returns (lists, model version, stage seconds).
+        users, whose cached keys and values go.
         """
         if catalogue_updates:
             self.apply_catalogue(catalogue_updates)
@@ -227,14 +237,14 @@ class Recommender:
             self.trending.observe([e.item_id for e in events], [e.ts for e in events],
                                   event_weights([e.type for e in events]))
         if not states:
-            return [], self.model.version, {}
+            return BatchResult([], [], [], {})
         try:
             lists, version = self.recommend(states, users, new, tails)
         except Exception:
             if self.model.incremental is not None:
                 self.model.incremental.clear()   # its entries may be half updated
             raise
-        return lists, version, dict(self.timings)
+        return BatchResult(lists, [version] * len(lists), [None] * len(lists), dict(self.timings))
 
     def cache_counters(self) -> dict:
         """The encoder cache's running totals (``cache_*`` keys, none without a cache)."""

@@ -45,7 +45,7 @@ DRAIN_TIMEOUT_S = 30.0    # a stopping worker's wait for the batches under way
 @dataclass
 class WorkerSettings:
     broker: str
-    model: Path
+    model: Path | None             # a model directory or a folder of versions (None with variants)
     group: str = "streamrec"
     partitions: int = 4             # used when shop-events does not exist yet; an existing topic's count wins
     max_batch: int = 512            # events per micro-batch (one encoder call, one FAISS search)
@@ -62,6 +62,8 @@ class WorkerSettings:
     replication: int | None = None  # of the topics the worker creates; default min(3, brokers)
     cache_mb: int = DEFAULT_BUDGET_BYTES >> 20   # encoder key/value cache for active users (0: off)
     state_ttl_s: float | None = None  # erase users inactive this long (event time), in the background
+    variants: list = field(default_factory=list)   # A/B (stream/variants.py); empty: serve ``model``
+    experiment: str = "streamrec"
 
     @property
     def changelog_topic(self) -> str:
@@ -117,7 +119,7 @@ async def prepare_broker(settings: WorkerSettings) -> compat.BrokerProfile:
     return profile
 
 
-def create_app(settings: WorkerSettings, recommender: Recommender, profile: compat.BrokerProfile,
+def create_app(settings: WorkerSettings, recommender, profile: compat.BrokerProfile,
                metrics=None) -> faust.App:
     compat.patch_faust(profile)
     app = faust.App(
@@ -247,7 +249,13 @@ def run_worker(settings: WorkerSettings, loglevel: str = "info") -> None:
         raise ValueError(f"--guarantee must be one of {', '.join(GUARANTEES)}")
     torch.set_num_threads(settings.torch_threads)
     faiss.omp_set_num_threads(settings.torch_threads)
-    recommender = Recommender(settings.model, settings.rerank, cache_bytes=settings.cache_mb << 20)  # fails fast
+    if settings.variants:   # fails fast on a bad model path, like a single model
+        from stream.variants import VariantRecommender
+
+        recommender = VariantRecommender(settings.variants, settings.rerank, settings.experiment,
+                                         cache_bytes=settings.cache_mb << 20)
+    else:
+        recommender = Recommender(settings.model, settings.rerank, cache_bytes=settings.cache_mb << 20)
     try:
         profile = asyncio.run(prepare_broker(settings))
     except (KafkaError, OSError) as exc:

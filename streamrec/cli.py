@@ -171,7 +171,8 @@ def evaluate(model: Path = typer.Option(..., exists=True, file_okay=False,
 
 @app.command()
 def worker(broker: str = typer.Option(..., help="Kafka bootstrap HOST:PORT."),
-           model: Path = typer.Option(..., exists=True, help="Model directory, or a folder of them (newest wins)."),
+           model: Optional[Path] = typer.Option(
+               None, exists=True, help="Model directory, or a folder of them (newest wins); or --variant."),
            group: str = typer.Option("streamrec", help="Consumer group id."),
            partitions: int = typer.Option(4, help="Partitions of the topics the worker creates."),
            max_batch: int = typer.Option(512, help="Events per micro-batch."),
@@ -188,6 +189,9 @@ def worker(broker: str = typer.Option(..., help="Kafka bootstrap HOST:PORT."),
                0.1, help="Seconds between offset commits (exactly_once: between transaction commits)."),
            cache_mb: int = typer.Option(1024, help="Encoder key/value cache for active users, MiB (~100 KiB per "
                                                    "user at 256 wide; 0: recompute every user in full)."),
+           variant: Optional[list[str]] = typer.Option(
+               None, help="A/B: NAME=MODEL_DIR[:WEIGHT], once per variant; each user always gets the same one."),
+           experiment: str = typer.Option("streamrec", help="A/B: name of the experiment (part of the user's hash)."),
            state_ttl: Optional[float] = typer.Option(
                None, help="Erase users inactive for this many seconds (event time), in the background, with "
                           "tombstones (default: keep everyone)."),
@@ -202,12 +206,20 @@ def worker(broker: str = typer.Option(..., help="Kafka bootstrap HOST:PORT."),
         _fail("--store must be rocksdb, memory or auto")
     if guarantee not in GUARANTEES:
         _fail(f"--guarantee must be one of: {', '.join(GUARANTEES)}")
+    from stream.variants import parse_variant
+
+    try:
+        variants = [parse_variant(v) for v in variant or []]
+    except ValueError as exc:
+        _fail(str(exc))
+    if (model is None) == (not variants):
+        _fail("give --model, or --variant (once per variant), not both")
     settings = WorkerSettings(broker=broker, model=model, group=group, partitions=partitions,
                               max_batch=max_batch, batch_wait_s=batch_wait, store=store,
                               data_dir=data_dir, metrics_port=metrics_port, metrics_host=metrics_host,
                               reload_interval_s=reload_interval, rerank=RerankConfig(k=k),
                               guarantee=guarantee, commit_interval_s=commit_interval, cache_mb=cache_mb,
-                              state_ttl_s=state_ttl)
+                              state_ttl_s=state_ttl, variants=variants, experiment=experiment)
     sys.argv = sys.argv[:1]  # Faust's Worker parses argv itself
     try:
         run_worker(settings, loglevel=loglevel)

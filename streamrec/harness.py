@@ -23,17 +23,18 @@ from stream.events import RECOMMENDATIONS_TOPIC, decode_recommendations, encode_
 PRODUCE_CHUNK = 2000
 
 
-def start_worker(bootstrap: str, model: Path, data_dir: Path, *, group: str = "streamrec",
+def start_worker(bootstrap: str, model: Path | None, data_dir: Path, *, group: str = "streamrec",
                  partitions: int = 4, log_path: Path | None = None, extra: Iterable[str] = (),
                  command: list[str] | None = None, source: Path | None = None) -> subprocess.Popen:
     """``streamrec worker`` as a subprocess (its own session, so it can be stopped cleanly).
 
     ``command`` replaces ``python -m streamrec.cli worker`` (a baseline taking the same
-    flags); ``source`` runs the code of another checkout (an earlier commit) instead of this one.
+    flags); ``source`` runs the code of another checkout (an earlier commit) instead of this one;
+    ``model`` None leaves the models to ``extra`` (``--variant``).
     """
     cmd = [*(command or [sys.executable, "-m", "streamrec.cli", "worker"]), "--broker", bootstrap,
-           "--model", str(model), "--group", group, "--partitions", str(partitions), "--data-dir", str(data_dir),
-           *extra]
+           *(["--model", str(model)] if model is not None else []), "--group", group,
+           "--partitions", str(partitions), "--data-dir", str(data_dir), *extra]
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "160"}
     if source is not None:

@@ -34,10 +34,10 @@ def test_exposition_has_names_and_labels():
     for line in ("streamrec_events_processed_total 40.0",
                  'streamrec_dlq_messages_total{reason="missing ts"} 1.0',
                  'streamrec_dlq_messages_total{reason="not msgpack"} 2.0',
-                 "streamrec_recommendations_published_total 40.0",
+                 'streamrec_recommendations_published_total{variant="default"} 40.0',
                  "streamrec_batch_size_count 2.0",
                  "streamrec_batch_size_sum 40.0",
-                 "streamrec_event_to_list_latency_seconds_count 3.0"):
+                 'streamrec_event_to_list_latency_seconds_count{variant="default"} 3.0'):
         assert line in text, line
     for stage in ("state", "encode", "search", "rerank", "publish"):  # every stage, even unused
         assert f'streamrec_stage_latency_seconds_count{{stage="{stage}"}}' in text
@@ -50,8 +50,8 @@ def test_exposition_has_names_and_labels():
 def test_two_workers_do_not_clash():
     a, b = WorkerMetrics("a"), WorkerMetrics("b")
     a.count_published(3)
-    assert sample(a, "streamrec_recommendations_published_total") == 3.0
-    assert sample(b, "streamrec_recommendations_published_total") == 0.0
+    assert sample(a, "streamrec_recommendations_published_total", variant="default") == 3.0
+    assert sample(b, "streamrec_recommendations_published_total", variant="default") is None
 
 
 def test_vectorised_histogram_matches_observe():
@@ -119,6 +119,8 @@ def test_dashboard_and_scrape_config_match_the_exported_names():
     m.set_lag(type("S", (), {"group": "g", "status": "OK", "partitions": []})())
     m.count_dlq("bad")  # a labelled family shows its samples once a child exists
     m.observe_cache(1, 1, 1, 1)
+    m.count_published(1)
+    m.observe_event_latency([0.1])
     exported = {s.name for metric in m.registry.collect() for s in metric.samples} | {
         metric.name for metric in m.registry.collect()}
     assert used and used <= exported, used - exported
