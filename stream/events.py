@@ -188,19 +188,21 @@ def decode_recommendations(value: bytes) -> dict:
     return msg
 
 
+# A dead letter larger than this would not fit a Kafka record (1 MiB by default, with room for
+# the batch's overhead): its original key and value are dropped and only their sizes kept.
+MAX_DEAD_LETTER_BYTES = 900_000
+
+
 def encode_dead_letter(value: bytes | None, reason: str, topic: str, partition: int,
                        offset: int, key: bytes | None = None) -> bytes:
-    """The DLQ record keeps the original bytes untouched so the message can be replayed."""
-    return msgpack.packb({
-        "v": SCHEMA_VERSION,
-        "reason": reason,
-        "topic": topic,
-        "partition": partition,
-        "offset": offset,
-        "key": key,
-        "value": value,
-        "ts": time.time(),
-    }, use_bin_type=True)
+    """The DLQ record keeps the original bytes untouched so the message can be replayed --
+    unless they are too large for a record, then it says so and keeps their sizes."""
+    msg = {"v": SCHEMA_VERSION, "reason": reason, "topic": topic, "partition": partition, "offset": offset,
+           "key": key, "value": value, "ts": time.time()}
+    if len(value or b"") + len(key or b"") > MAX_DEAD_LETTER_BYTES:
+        msg.update(key=None, value=None, key_bytes=len(key or b""), value_bytes=len(value or b""),
+                   reason=f"{reason} (original dropped: too large for a dead letter)")
+    return msgpack.packb(msg, use_bin_type=True)
 
 
 def decode_dead_letter(value: bytes) -> dict:

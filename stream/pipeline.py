@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 EXIT_BATCH_FAILED = 70
 DEFAULT_VARIANT = "default"   # the metrics' variant label without A/B variants
+MAX_KEY_BYTES = 1024           # a dead letter keeps a longer original key in its value, not as its key
 # Retention: rows of the local state the sweep looks at per batch (a bounded cost: ~32 state
 # decodes), over the assigned partitions in turn.
 SWEEP_ROWS_PER_BATCH = 32
@@ -91,7 +92,7 @@ class BatchPipeline:
         self._open.set()
         self._durable: list[tuple[int, asyncio.Future]] = []   # (partition, changelog send) awaiting persist
         self._cache_seen = (0, 0)   # encoder cache hits and misses already counted in the metrics
-        self.stats = {"events": 0, "dlq": 0, "published": 0, "batches": 0, "expired": 0,
+        self.stats = {"events": 0, "dlq": 0, "published": 0, "batches": 0, "expired": 0, "dlq_oversize": 0,
                       "seconds": dict.fromkeys(STAGES, 0.0)}
 
     # ------------------------------------------------------------------ running
@@ -162,8 +163,13 @@ class BatchPipeline:
                     if record.key != event.user_id.encode():
                         raise InvalidMessage("key does not match user_id")
                 except InvalidMessage as exc:
-                    batch.dead.append((p, record.key, encode_dead_letter(
-                        record.value, exc.reason, record.topic, p, record.offset, record.key), exc.reason))
+                    dead = encode_dead_letter(record.value, exc.reason, record.topic, p, record.offset, record.key)
+                    key = record.key if len(record.key or b"") <= MAX_KEY_BYTES else None
+                    if len(dead) < len(record.value or b""):   # the original did not fit
+                        log.warning("dead letter %s[%d]@%d: original of %d bytes dropped (too large)",
+                                    record.topic, p, record.offset, len(record.value or b""))
+                        self.stats["dlq_oversize"] += 1
+                    batch.dead.append((p, key, dead, exc.reason))
                     continue
                 entry = by_user.get(event.user_id)
                 if entry is None:

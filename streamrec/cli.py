@@ -386,6 +386,34 @@ def bench_e2e(events: int = typer.Option(20000, help="Events per phase."),
     typer.echo(json.dumps(result) if as_json else render(result))
 
 
+@bench_app.command("chaos")
+def bench_chaos(broker_kind: str = typer.Option("tansu", help="tansu (embedded) or kafka."),
+                scenarios: str = typer.Option(",".join(("kill", "rebalance", "broker-restart", "node-kill",
+                                                        "malformed", "model-corrupt", "catalogue-flood")),
+                                              help="Comma separated, run one at a time on a fresh broker."),
+                events: int = typer.Option(20000, help="Good events per scenario."),
+                rate: float = typer.Option(1500.0, help="Events/s offered."),
+                kills: int = typer.Option(10, help="kill -9s in the 'kill' scenario."),
+                malformed: Optional[int] = typer.Option(None, help="Malformed messages (default: as many as good)."),
+                catalogue_updates: int = typer.Option(100_000, help="shop-items updates in 'catalogue-flood'."),
+                model: Optional[Path] = typer.Option(None, help="Model dir (default: train one on the events)."),
+                as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
+    """Faults while traffic flows, then every acknowledged event checked against the outputs."""
+    from streamrec.chaos import SCENARIOS, ChaosOptions, render, run_chaos
+
+    chosen = [s.strip() for s in scenarios.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in SCENARIOS]
+    if unknown or not chosen:
+        _fail(f"--scenarios takes {', '.join(SCENARIOS)}; got {', '.join(unknown) or 'none'}")
+    if broker_kind not in ("tansu", "kafka"):
+        _fail("--broker-kind must be tansu or kafka")
+    rows = run_chaos(ChaosOptions(broker_kind=broker_kind, scenarios=chosen, events=events, rate=rate, kills=kills,
+                                  malformed=malformed, catalogue_updates=catalogue_updates, model=model))
+    typer.echo(json.dumps([r.as_dict() for r in rows]) if as_json else render(rows))
+    if not all(r.ok or r.notes.startswith("skipped") for r in rows):
+        raise typer.Exit(1)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -104,3 +104,11 @@ def kafka_cluster(tmp_path):
     yield start
     for cluster in started:
         stop_broker(cluster)
+
+
+@pytest.fixture(params=BROKER_KINDS)
+def fresh_broker(request, tmp_path_factory):
+    """A broker of the test's own, on both kinds (for tests that read whole topics)."""
+    b = start_broker(request.param, tmp_path_factory.mktemp(f"fresh-{request.param}"))
+    yield b
+    stop_broker(b)
