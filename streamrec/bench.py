@@ -135,7 +135,15 @@ class ScaleWorkload:
                 state.last_event_id, state.last_event_ts = state.event_ids[-1], state.ts[-1]
                 yield user.encode(), state.encode()
 
-        await harness.produce(bootstrap, settings.changelog_topic, rows(), acks="all")
+        sizes = []
+
+        def measured():
+            for key, value in rows():
+                sizes.append(len(value))
+                yield key, value
+
+        await harness.produce(bootstrap, settings.changelog_topic, measured(), acks="all")
+        self.state_bytes_per_user = round(sum(sizes) / max(1, len(sizes)))
 
 
 def run_e2e(options: E2EOptions) -> dict:
@@ -173,14 +181,27 @@ def _run_variant(variant: str, model: Path, workload, phases: list[list[dict]], 
         workers = [launch(broker.bootstrap, model, workdir / f"state-{n}", log) for n, log in enumerate(logs)]
         try:
             results = asyncio.run(_drive(broker.bootstrap, phases, options, logs, [w.pid for w in workers]))
+            peak_rss = [peak_rss_mb(w.pid) for w in workers]
         finally:
             for worker in workers:
                 harness.stop_worker(worker)
     finally:
         (broker.cleanup if hasattr(broker, "cleanup") else broker.stop)()
         cleanup()
-    return {"variant": variant, "model": str(model), "phases": results,
+    return {"variant": variant, "model": str(model), "phases": results, "peak_rss_mb": peak_rss,
+            "state_bytes_per_user": getattr(workload, "state_bytes_per_user", None),
             "worker_stage_seconds": [_last_stage_line(log) for log in logs]}
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """The process's peak resident memory (VmHWM), MiB (Linux)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
 
 
 def _launcher(variant: str, options: E2EOptions, workdir: Path):
@@ -303,7 +324,8 @@ def render(result: dict) -> str:
     for run in result["runs"]:
         rows = [head] + [tuple(str(p[c]) for c in cols) for p in run["phases"]]
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-        lines.append(f"-- {run['variant']} (model {run['model']})")
+        lines.append(f"-- {run['variant']} (model {run['model']}); peak RSS MiB {run['peak_rss_mb']}"
+                     + (f"; state {run['state_bytes_per_user']} bytes/user" if run.get("state_bytes_per_user") else ""))
         lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
         lines += [f"   stages: {s}" for s in run["worker_stage_seconds"]]
     first = result["runs"][0]["phases"][0]["throughput_events_per_s"]
