@@ -31,7 +31,24 @@ class DeliveryFailed(RuntimeError):
     """Records could not be made durable (or a newer owner fenced this worker)."""
 
 
-class AtLeastOnce:
+class _Committing:
+    """Consumed offsets gathered per batch and committed at most every ``commit_interval_s``."""
+
+    commit_interval_s: float
+    _pending: dict
+    _last_commit: float
+
+    def _due(self, offsets: dict[TopicPartition, int], force: bool) -> dict[TopicPartition, int] | None:
+        """Add ``offsets``; the offsets to commit now (and forget), or None if it is not time."""
+        self._pending.update(offsets)
+        if not self._pending or not (force or time.monotonic() - self._last_commit >= self.commit_interval_s):
+            return None
+        pending, self._pending = self._pending, {}
+        self._last_commit = time.monotonic()
+        return pending
+
+
+class AtLeastOnce(_Committing):
     """One producer; durability = every send acknowledged; offsets committed through the group."""
 
     guarantee = AT_LEAST_ONCE
@@ -76,15 +93,11 @@ class AtLeastOnce:
 
     async def complete(self, offsets: dict[TopicPartition, int], force: bool = False) -> bool:
         """Record consumed offsets; commit them when the interval is up (or ``force``)."""
-        self._pending.update(offsets)
-        if not self._pending or not (force or time.monotonic() - self._last_commit >= self.commit_interval_s):
-            return False
-        pending, self._pending = self._pending, {}
-        self._last_commit = time.monotonic()
-        return await self._commit_offsets(pending)
+        pending = self._due(offsets, force)
+        return bool(pending) and await self._commit_offsets(pending)
 
 
-class ExactlyOnce:
+class ExactlyOnce(_Committing):
     """A transactional producer per input partition; durability = the transaction committed."""
 
     guarantee = EXACTLY_ONCE
@@ -142,11 +155,9 @@ class ExactlyOnce:
 
     async def complete(self, offsets: dict[TopicPartition, int], force: bool = False) -> bool:
         """Commit each open transaction with its partition's consumed offsets (interval or ``force``)."""
-        self._pending.update(offsets)
-        if not self._pending or not (force or time.monotonic() - self._last_commit >= self.commit_interval_s):
+        pending = self._due(offsets, force)
+        if not pending:
             return False
-        pending, self._pending = self._pending, {}
-        self._last_commit = time.monotonic()
         try:
             await asyncio.gather(*(self._commit_partition(tp, offset) for tp, offset in pending.items()))
         except Exception as exc:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgpack
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 
 from stream.events import (DLQ_TOPIC, EVENTS_TOPIC, ITEMS_TOPIC, MAX_ID_CHARS, InvalidMessage, decode_dead_letter,
                            decode_event, encode_event, encode_item)
@@ -314,24 +314,6 @@ class Traffic:
         pending.clear()
 
 
-async def read_all(bootstrap: str, topic: str, read_committed: bool = False) -> list:
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False, fetch_max_bytes=1 << 24,
-                                max_partition_fetch_bytes=1 << 23,
-                                isolation_level="read_committed" if read_committed else "read_uncommitted")
-    await consumer.start()
-    out, idle = [], 0
-    try:
-        while idle < 6:
-            batches = await consumer.getmany(timeout_ms=250)
-            idle = 0 if batches else idle + 1
-            for records in batches.values():
-                out.extend(records)
-    finally:
-        await consumer.stop()
-    return out
-
-
 async def wait_for_zero_lag(bootstrap: str, since: float, timeout: float = SETTLE_TIMEOUT_S,
                             below: int = 1) -> float | None:
     """Seconds from ``since`` until the group's lag on shop-events is under ``below`` (None: not
@@ -373,7 +355,7 @@ async def check(row: Row, bootstrap: str, traffic: Traffic, collector: harness.L
     row.lists_lost = sum(collector.latest.get(u, {}).get("event_id") != i for u, i in last.items())
     row.repeated_lists = collector.repeats(last)
     states = {}
-    for r in await read_all(bootstrap, f"{GROUP}-user-state-changelog", read_committed=True):
+    for r in await harness.read_topic(bootstrap, f"{GROUP}-user-state-changelog", read_committed=True):
         states[r.key] = r.value
     for user in last:
         raw = states.get(user.encode())
@@ -382,7 +364,7 @@ async def check(row: Row, bootstrap: str, traffic: Traffic, collector: harness.L
         ids = msgpack.unpackb(raw)["event_ids"]
         row.double_applied += len(ids) - len(set(ids))
     row.dead_expected = Counter(traffic.acked_bad)
-    for r in await read_all(bootstrap, DLQ_TOPIC):
+    for r in await harness.read_topic(bootstrap, DLQ_TOPIC):
         row.dead_got[reason_kind(decode_dead_letter(r.value)["reason"])] += 1
 
 
@@ -506,23 +488,16 @@ async def _fault(scenario, rng, broker, workers: Workers, good, records, options
             await recovered(since)
         return fault
 
-    if scenario == "broker-restart":
-        async def fault(traffic):
-            await asyncio.sleep(duration / 3)
-            since = time.monotonic()
-            await asyncio.to_thread(broker.stop_node, 0)
-            await asyncio.sleep(3)
-            await asyncio.to_thread(broker.start_node, 0)
-            await recovered(since)
-        return fault
+    if scenario in ("broker-restart", "node-kill"):
+        # the one node stopped cleanly for 3 s; or one node of three killed for 5 s
+        node, kill, pause = (0, False, 3) if scenario == "broker-restart" else (1, True, 5)
 
-    if scenario == "node-kill":
         async def fault(traffic):
             await asyncio.sleep(duration / 3)
             since = time.monotonic()
-            await asyncio.to_thread(broker.kill_node, 1)
-            await asyncio.sleep(5)
-            await asyncio.to_thread(broker.start_node, 1)
+            await asyncio.to_thread(broker.stop_node, node, kill)
+            await asyncio.sleep(pause)
+            await asyncio.to_thread(broker.start_node, node)
             await recovered(since)
         return fault
 

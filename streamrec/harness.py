@@ -101,6 +101,24 @@ def event_records(events: Iterable[dict], now_ts: bool = False):
         yield e["user_id"].encode(), encode_event(e)
 
 
+async def read_topic(bootstrap: str, topic: str, read_committed: bool = False, idle_polls: int = 5) -> list:
+    """Every record of ``topic`` from the beginning, until ``idle_polls`` polls bring nothing new."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False, fetch_max_bytes=1 << 24, max_partition_fetch_bytes=1 << 23,
+                                isolation_level="read_committed" if read_committed else "read_uncommitted")
+    await consumer.start()
+    out, idle = [], 0
+    try:
+        while idle < idle_polls:
+            batches = await consumer.getmany(timeout_ms=250)
+            idle = 0 if batches else idle + 1
+            for records in batches.values():
+                out.extend(records)
+    finally:
+        await consumer.stop()
+    return out
+
+
 class ListCollector:
     """Reads ``recommendations`` from the beginning and keeps each user's latest list.
 

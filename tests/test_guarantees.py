@@ -11,7 +11,6 @@ import sys
 
 import msgpack
 import pytest
-from aiokafka import AIOKafkaConsumer
 
 from stream.events import EVENTS_TOPIC
 from streamrec import harness
@@ -35,21 +34,8 @@ def test_exactly_once_is_refused_without_transactions(broker, tiny_model, tmp_pa
 
 
 async def read_committed_states(bootstrap: str, topic: str) -> dict[str, dict]:
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False, isolation_level="read_committed")
-    await consumer.start()
-    states: dict[str, dict] = {}
-    try:
-        idle = 0
-        while idle < 5:
-            batches = await consumer.getmany(timeout_ms=200)
-            idle = 0 if batches else idle + 1
-            for records in batches.values():
-                for r in records:
-                    states[r.key.decode()] = msgpack.unpackb(r.value) if r.value is not None else None
-    finally:
-        await consumer.stop()
-    return states
+    return {r.key.decode(): msgpack.unpackb(r.value) if r.value is not None else None
+            for r in await harness.read_topic(bootstrap, topic, read_committed=True)}
 
 
 async def test_exactly_once_survives_repeated_kill_9(broker, tiny_shop, tiny_model, tmp_path):

@@ -8,7 +8,6 @@ import asyncio
 
 import msgpack
 import pytest
-from aiokafka import AIOKafkaConsumer
 
 from stream.events import EVENTS_TOPIC, delete_user_event, encode_event
 from streamrec import harness
@@ -26,21 +25,7 @@ def event(user, n, ts):
 
 async def last_values(bootstrap: str, topic: str) -> dict[str, bytes | None]:
     """The newest value per key of a topic (None: a tombstone)."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False, isolation_level="read_committed")
-    await consumer.start()
-    out: dict[str, bytes | None] = {}
-    try:
-        idle = 0
-        while idle < 5:
-            batches = await consumer.getmany(timeout_ms=200)
-            idle = 0 if batches else idle + 1
-            for records in batches.values():
-                for r in records:
-                    out[r.key.decode()] = r.value
-    finally:
-        await consumer.stop()
-    return out
+    return {r.key.decode(): r.value for r in await harness.read_topic(bootstrap, topic, read_committed=True)}
 
 
 async def send(bootstrap, events):

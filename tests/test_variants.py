@@ -59,7 +59,6 @@ def test_evaluation_per_variant_with_confidence_intervals():
 
 @pytest.mark.integration
 async def test_a_worker_serves_each_user_its_variant(broker, tiny_model, tiny_shop, tmp_path):
-    from stream.events import EVENTS_TOPIC
     from stream.replay import replay
     from streamrec import harness
 
