@@ -259,7 +259,10 @@ class BatchPipeline:
         if self.delivery.batch_durable():
             self._persist(batch.seq)
         await self._commit(batch.offsets)
-        self._account(batch, result, time.perf_counter() - started)
+        try:   # counting must never fail a batch that is already durable
+            self._account(batch, result, time.perf_counter() - started)
+        except Exception:
+            log.exception("could not account for batch %d in the stats and metrics", batch.seq)
 
     async def _recommend(self, batch: Batch, future, updates):
         loop = asyncio.get_running_loop()
@@ -307,10 +310,13 @@ class BatchPipeline:
                     m.count_published(int(mine.sum()), variant)
                     m.observe_event_latency(latency[mine], variant)
             cache = self.recommender.cache_counters()
-            if cache:
-                m.observe_cache(cache["cache_hits"] - self._cache_seen[0], cache["cache_misses"] - self._cache_seen[1],
+            if cache:   # running totals; a hot-swapped model starts them afresh
+                hits, misses = cache["cache_hits"], cache["cache_misses"]
+                seen_hits, seen_misses = self._cache_seen
+                m.observe_cache(hits - seen_hits if hits >= seen_hits else hits,
+                                misses - seen_misses if misses >= seen_misses else misses,
                                 cache["cache_users"], cache["cache_bytes"])
-                self._cache_seen = (cache["cache_hits"], cache["cache_misses"])
+                self._cache_seen = (hits, misses)
 
     # ------------------------------------------------------------------ rebalances and shutdown
     async def drain(self) -> None:

@@ -116,7 +116,7 @@ class ScaleWorkload:
                       positions)
 
     async def preload(self, bootstrap: str, partitions: int) -> None:
-        from stream.state import UserState
+        from stream.state import UserState, event_digest
         from stream.worker import WorkerSettings
 
         settings = WorkerSettings(broker=bootstrap, model=Path("."), partitions=partitions)
@@ -129,10 +129,10 @@ class ScaleWorkload:
                 state = UserState()
                 for n, (item, kind, ts) in enumerate(history):
                     state.items.append(item), state.types.append(kind), state.ts.append(ts)
-                    state.event_ids.append(f"{user}/h{n}")
+                    state.seen.append(event_digest(f"{user}/h{n}"))
                     if kind == "purchase":
                         state.purchased.append(item)
-                state.last_event_id, state.last_event_ts = state.event_ids[-1], state.ts[-1]
+                state.last_event_id, state.last_event_ts = f"{user}/h{len(history) - 1}", state.ts[-1]
                 yield user.encode(), state.encode()
 
         sizes = []

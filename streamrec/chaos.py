@@ -43,6 +43,7 @@ from aiokafka import AIOKafkaProducer
 from stream.events import (DLQ_TOPIC, EVENTS_TOPIC, ITEMS_TOPIC, MAX_ID_CHARS, InvalidMessage, decode_dead_letter,
                            decode_event, encode_event, encode_item)
 from stream.lag import lag_snapshot
+from stream.state import UserState
 from streamrec import harness
 
 SCENARIOS = ("kill", "rebalance", "broker-restart", "node-kill", "malformed", "model-corrupt", "catalogue-flood")
@@ -361,8 +362,8 @@ async def check(row: Row, bootstrap: str, traffic: Traffic, collector: harness.L
         raw = states.get(user.encode())
         if raw is None:
             continue
-        ids = msgpack.unpackb(raw)["event_ids"]
-        row.double_applied += len(ids) - len(set(ids))
+        seen = UserState.decode(raw).seen
+        row.double_applied += len(seen) - len(set(seen))
     row.dead_expected = Counter(traffic.acked_bad)
     for r in await harness.read_topic(bootstrap, DLQ_TOPIC):
         row.dead_got[reason_kind(decode_dead_letter(r.value)["reason"])] += 1

@@ -44,5 +44,5 @@ def test_state_stays_bounded_whatever_the_input():
     events = [ShopEvent(f"e{n}", "u", f"i{n % 700}", "purchase" if n % 3 else "view", float(n)) for n in range(5000)]
     state.apply(events)
     assert len(state.items) == MAX_EVENTS and len(state.purchased) == MAX_PURCHASED
-    assert len(state.event_ids) == MAX_EVENT_IDS
+    assert len(state.seen) == MAX_EVENT_IDS
     assert len(state.encode()) < 64 * 1024   # ids are at most 256 characters (stream/events.py)

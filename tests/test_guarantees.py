@@ -9,10 +9,10 @@ import signal
 import subprocess
 import sys
 
-import msgpack
 import pytest
 
 from stream.events import EVENTS_TOPIC
+from stream.state import UserState, event_digest
 from streamrec import harness
 
 pytestmark = pytest.mark.integration
@@ -33,8 +33,8 @@ def test_exactly_once_is_refused_without_transactions(broker, tiny_model, tmp_pa
     assert "exactly_once needs a broker with transactions" in result.stderr
 
 
-async def read_committed_states(bootstrap: str, topic: str) -> dict[str, dict]:
-    return {r.key.decode(): msgpack.unpackb(r.value) if r.value is not None else None
+async def read_committed_states(bootstrap: str, topic: str) -> dict[str, UserState]:
+    return {r.key.decode(): UserState.decode(r.value)
             for r in await harness.read_topic(bootstrap, topic, read_committed=True)}
 
 
@@ -79,8 +79,8 @@ async def test_exactly_once_survives_repeated_kill_9(broker, tiny_shop, tiny_mod
 
     states = await read_committed_states(broker.bootstrap, "streamrec-user-state-changelog")
     for user in last:
-        ids = [e["event_id"] for e in events if e["user_id"] == user]
-        kept = states[user]["event_ids"]
+        ids = [event_digest(e["event_id"]) for e in events if e["user_id"] == user]
+        kept = states[user].seen
         assert kept == ids[-len(kept):], f"{user}: state lost or repeated events across the kills"
 
 

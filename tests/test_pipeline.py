@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from stream import compat
 from stream.events import (DLQ_TOPIC, EVENTS_TOPIC, InvalidMessage, decode_dead_letter, decode_event,
                            encode_event)
+from stream.state import UserState, event_digest
 from streamrec import harness
 
 pytestmark = pytest.mark.integration
@@ -205,8 +206,8 @@ async def test_kill_9_loses_no_list_and_no_state(broker, worker, tiny_shop, tiny
         listed = {i["item_id"] for i in collector.latest[user]["items"]}
         assert not listed & bought.get(user, set()), f"{user}: a purchase from before the kill was forgotten"
     changelog = await read_topic(broker.bootstrap, "streamrec-user-state-changelog", 10**9, timeout=5)
-    states = {r.key.decode(): msgpack.unpackb(r.value) for r in changelog if r.value is not None}
+    states = {r.key.decode(): UserState.decode(r.value) for r in changelog if r.value is not None}
     for user in last:
-        ids = [e["event_id"] for e in events if e["user_id"] == user]
-        kept = states[user]["event_ids"]
+        ids = [event_digest(e["event_id"]) for e in events if e["user_id"] == user]
+        kept = states[user].seen
         assert kept == ids[-len(kept):], f"{user}: state lost or repeated events across the kill"

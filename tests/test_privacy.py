@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import asyncio
 
-import msgpack
 import pytest
 
 from stream.events import EVENTS_TOPIC, delete_user_event, encode_event
+from stream.state import UserState, event_digest
 from streamrec import harness
 
 pytestmark = pytest.mark.integration
@@ -57,8 +57,8 @@ async def test_delete_user_erases_state_and_list_for_good(broker, tiny_model, tm
         await send(broker.bootstrap, [event("erased", 9, 3000)])
         assert await collector.wait_for(lambda c: c.latest.get("erased", {}).get("event_id") == "erased-9",
                                         TIMEOUT_S)
-        state = msgpack.unpackb((await last_values(broker.bootstrap, changelog))["erased"])
-        assert state["event_ids"] == ["erased-9"] and state["items"] == ["sku-00063"]
+        state = UserState.decode((await last_values(broker.bootstrap, changelog))["erased"])
+        assert state.seen == [event_digest("erased-9")] and state.items == ["sku-00063"]
     finally:
         harness.stop_worker(proc)
         await collector.stop()

@@ -1,7 +1,9 @@
-"""Per-user state: bounded, ordered, idempotent by event id; coalescing keeps arrival order."""
+"""Per-user state: bounded, ordered, idempotent by event id; read and written a batch at a time."""
+
+import msgpack
 
 from stream.events import ShopEvent
-from stream.state import MAX_EVENT_IDS, UserState, coalesce_by_user
+from stream.state import MAX_EVENT_IDS, UserState, event_digest
 
 
 def ev(i, user="u", item=None, kind="view"):
@@ -30,7 +32,7 @@ def test_history_is_bounded_but_purchases_outlive_it():
     s.apply([ev(0, item="bought", kind="purchase")] + [ev(i) for i in range(1, 120)], max_events=50)
     assert len(s.items) == 50 and s.items[-1] == "i119"
     assert "bought" in s.purchased
-    assert len(s.event_ids) <= MAX_EVENT_IDS
+    assert len(s.seen) <= MAX_EVENT_IDS
 
 
 def test_encode_decode_round_trip():
@@ -40,11 +42,11 @@ def test_encode_decode_round_trip():
     assert UserState.decode(None) == UserState()
 
 
-def test_coalesce_groups_by_user_in_arrival_order():
-    pairs = [(ev(1, "a"), 0), (ev(2, "b"), 1), (ev(3, "a"), 2)]
-    grouped = coalesce_by_user(pairs)
-    assert list(grouped) == ["a", "b"]
-    assert [e.event_id for e, _ in grouped["a"]] == ["e1", "e3"]
+def test_state_written_by_the_previous_version_still_reads():
+    v1 = msgpack.packb({"v": 1, "items": ["i1"], "types": ["view"], "ts": [1.0], "purchased": [],
+                        "event_ids": ["e1"], "last_event_id": "e1", "last_event_ts": 1.0})
+    s = UserState.decode(v1)
+    assert s.seen == [event_digest("e1")] and s.apply([ev(1)]) == 0 and s.apply([ev(2)]) == 1
 
 
 class _MemoryStore:   # what StateTable reads of Faust's memory store

@@ -16,6 +16,7 @@ from stream.broker import free_port
 from stream.events import DLQ_TOPIC, EVENTS_TOPIC, ITEMS_TOPIC, decode_dead_letter, encode_item
 from stream.lag import lag_snapshot
 from stream.replay import replay
+from stream.state import UserState, event_digest
 from streamrec import harness
 from stream.recommender import write_model_dir
 from streamrec.synthetic import ShopSpec, catalogue
@@ -204,13 +205,13 @@ async def test_repeated_replay_changes_no_state_twice(broker, worker, tiny_shop,
     records = await read_all(broker.bootstrap, changelog)
     assert len(records) == writes_after_first, "the second replay changed user state"
 
-    latest = {r.key.decode(): msgpack.unpackb(r.value) for r in records if r.key.decode() in users}
+    latest = {r.key.decode(): UserState.decode(r.value) for r in records if r.key.decode() in users}
     per_user = {}
     for e in events:
-        per_user.setdefault(e["user_id"], []).append(e["event_id"])
+        per_user.setdefault(e["user_id"], []).append(event_digest(e["event_id"]))
     for user, state in latest.items():
-        assert len(state["event_ids"]) == len(set(state["event_ids"]))
-        assert state["event_ids"] == per_user[user][-len(state["event_ids"]):]
+        assert len(state.seen) == len(set(state.seen))
+        assert state.seen == per_user[user][-len(state.seen):]
 
 
 async def test_worker_serves_prometheus_metrics(broker, worker, metrics_port, tiny_shop):
