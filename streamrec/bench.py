@@ -87,7 +87,7 @@ class ShopWorkload:
 
         return _train(log_from_events(self.events), workdir, TrainConfig(epochs=options.train_epochs), positions)
 
-    async def preload(self, bootstrap: str, partitions: int) -> None:
+    async def preload(self, bootstrap: str, partitions: int, legacy: bool = False) -> None:
         pass
 
 
@@ -115,7 +115,9 @@ class ScaleWorkload:
         return _train(sample, workdir, TrainConfig(epochs=1, negatives=2048, val_users=2000, max_minutes=5),
                       positions)
 
-    async def preload(self, bootstrap: str, partitions: int) -> None:
+    async def preload(self, bootstrap: str, partitions: int, legacy: bool = False) -> None:
+        """Every user's history as a state row in the changelog (``legacy``: the format of
+        versions before state v2, for an earlier commit's worker)."""
         from stream.state import UserState, event_digest
         from stream.worker import WorkerSettings
 
@@ -133,7 +135,15 @@ class ScaleWorkload:
                     if kind == "purchase":
                         state.purchased.append(item)
                 state.last_event_id, state.last_event_ts = f"{user}/h{len(history) - 1}", state.ts[-1]
-                yield user.encode(), state.encode()
+                if legacy:
+                    import msgpack
+
+                    yield user.encode(), msgpack.packb({
+                        "v": 1, "items": state.items, "types": state.types, "ts": state.ts,
+                        "purchased": state.purchased, "event_ids": [f"{user}/h{n}" for n in range(len(history))],
+                        "last_event_id": state.last_event_id, "last_event_ts": state.last_event_ts})
+                else:
+                    yield user.encode(), state.encode()
 
         sizes = []
 
@@ -176,7 +186,7 @@ def _run_variant(variant: str, model: Path, workload, phases: list[list[dict]], 
     launch, cleanup = _launcher(variant, options, workdir)
     broker = start_broker(options.broker_kind, workdir)
     try:
-        asyncio.run(workload.preload(broker.bootstrap, options.partitions))
+        asyncio.run(workload.preload(broker.bootstrap, options.partitions, legacy=variant.startswith("commit:")))
         logs = [workdir / f"worker-{n}.log" for n in range(options.workers)]
         workers = [launch(broker.bootstrap, model, workdir / f"state-{n}", log) for n, log in enumerate(logs)]
         try:
