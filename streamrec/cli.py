@@ -368,6 +368,7 @@ def bench_e2e(events: int = typer.Option(20000, help="Events per phase."),
               max_batch: int = typer.Option(512, help="The worker's --max-batch."),
               workers: int = typer.Option(1, help="Worker processes in the consumer group."),
               model: Optional[Path] = typer.Option(None, help="Model dir (default: train a small one)."),
+              cache_mb: Optional[int] = typer.Option(None, help="The worker's --cache-mb (default: its own)."),
               compare: str = typer.Option("", help="Baselines run after the worker, same workload: 'naive' "
                                                    "(a per-event Faust agent), 'commit:<sha>' (an earlier worker)."),
               as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
@@ -387,7 +388,8 @@ def bench_e2e(events: int = typer.Option(20000, help="Events per phase."),
     result = run_e2e(E2EOptions(events=events, users=users, items=items, workload=workload, rates=parsed,
                                 partitions=partitions,
                                 max_batch=max_batch, workers=workers, model=model, broker_kind=broker_kind,
-                                guarantee=guarantee, compare=[c.strip() for c in compare.split(",") if c.strip()]))
+                                guarantee=guarantee, compare=[c.strip() for c in compare.split(",") if c.strip()],
+                                cache_mb=cache_mb))
     typer.echo(json.dumps(result) if as_json else render(result))
 
 
