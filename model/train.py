@@ -156,12 +156,14 @@ def train(log: Log | str | Path, cfg: TrainConfig | None = None, out_dir: str | 
     deadline = t_start + 60 * cfg.max_minutes
     t_loop = time.time()
     total_steps = cfg.epochs * math.ceil(len(lengths) / cfg.batch_size)  # length_batches' count
+    # A short run (a small log, one epoch) would otherwise spend all of itself warming up.
+    warmup = max(1, min(cfg.warmup_steps, total_steps // 10))
 
     def lr_factor(step: int) -> float:
         """Warmup, then linear decay to 0 at the end of the budget: the epochs or the minutes,
         whichever runs out first. A budget-aware schedule anneals fully on any log size and
         machine speed; on Beauty it matched 18 minutes of plateau-halving in 9."""
-        warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        warm = min(1.0, (step + 1) / warmup)
         done = max(step / total_steps, (time.time() - t_loop) / max(1e-9, deadline - t_loop))
         return warm * max(0.0, 1.0 - done)
 

@@ -1,9 +1,10 @@
-"""A short smoke test on real shop data (../shared/data, when it is there): one epoch on a slice
-of Amazon Beauty must rank the held-out item far better than the most popular items do."""
+"""A smoke test on real shop data (../shared/data, when it is there): four epochs on Amazon Beauty
+must rank the held-out item far better than the most popular items do.
+
+Measured (2 cores): NDCG@10 .0391 vs popularity .0055, HR@10 .0672 vs .0115, in ~110 s. A slice of
+the log is not enough: on its first 4,000 users even 10 epochs stay below popularity."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import pytest
 
@@ -11,16 +12,12 @@ from model.data import load_log
 from model.evaluate import evaluate, evaluate_popularity
 from model.train import TrainConfig, train
 
-USERS = 4000
-
 
 @pytest.mark.slow
-def test_one_epoch_on_a_slice_of_beauty_beats_popularity_clearly(shared_data, tmp_path):
+def test_a_short_training_on_beauty_beats_popularity_clearly(shared_data, tmp_path):
     log = load_log(shared_data / "Beauty.txt")
-    part = dict(list(log.items())[:USERS])
-    cfg = TrainConfig(epochs=1, val_users=1000, max_minutes=3)
-    cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, dim=64))
-    artifact = train(part, cfg, out_dir=tmp_path / "model", progress=False)
-    model, popular = evaluate(artifact, part, "test"), evaluate_popularity(part, "test")
-    assert model["users"] == popular["users"] == len(part)
-    assert model["NDCG@10"] > 3 * popular["NDCG@10"] and model["HR@10"] > 2 * popular["HR@10"], (model, popular)
+    cfg = TrainConfig(epochs=4, val_users=1000, max_minutes=5)
+    artifact = train(log, cfg, out_dir=tmp_path / "model", progress=False)
+    model, popular = evaluate(artifact, log, "test"), evaluate_popularity(log, "test")
+    assert model["users"] == popular["users"] == len(log)
+    assert model["NDCG@10"] > 4 * popular["NDCG@10"] and model["HR@10"] > 3 * popular["HR@10"], (model, popular)
