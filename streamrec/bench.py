@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -199,6 +200,9 @@ def _run_variant(variant: str, model: Path, workload, phases: list[list[dict]], 
     finally:
         (broker.cleanup if hasattr(broker, "cleanup") else broker.stop)()
         cleanup()
+        # the broker's log and the workers' state are GBs at scale; the models and logs stay
+        for path in [workdir / "kafka", *workdir.glob("state-*")]:
+            shutil.rmtree(path, ignore_errors=True)
     return {"variant": variant, "model": str(model), "phases": results, "peak_rss_mb": peak_rss,
             "state_bytes_per_user": getattr(workload, "state_bytes_per_user", None),
             "worker_stage_seconds": [_last_stage_line(log) for log in logs]}

@@ -54,14 +54,22 @@ def stop_worker(proc: subprocess.Popen, timeout: float = 20.0) -> int:
     return proc.returncode
 
 
-async def wait_for_worker_ready(bootstrap: str, log_path: Path, timeout: float = 90.0) -> None:
-    """Faust prints "Worker ready" once partitions are assigned and tables recovered."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if log_path.exists() and b"Worker ready" in log_path.read_bytes():
-            return
+async def wait_for_worker_ready(bootstrap: str, log_path: Path, timeout: float = 90.0,
+                                limit: float = 900.0) -> None:
+    """Faust prints "Worker ready" once partitions are assigned and tables recovered. A large
+    state recovers for minutes (1M users: ~5k changelog records/s), printing progress, so the
+    wait ends after ``timeout`` seconds without a new log line (or ``limit`` in all)."""
+    started = last_change = time.monotonic()
+    size = -1
+    while time.monotonic() - last_change < timeout and time.monotonic() - started < limit:
+        if log_path.exists():
+            data = log_path.read_bytes()
+            if b"Worker ready" in data:
+                return
+            if len(data) != size:
+                size, last_change = len(data), time.monotonic()
         await asyncio.sleep(0.2)
-    raise TimeoutError(f"worker not ready after {timeout:.0f}s; see {log_path}")
+    raise TimeoutError(f"worker not ready after {time.monotonic() - started:.0f}s; see {log_path}")
 
 
 async def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes | None]],

@@ -33,6 +33,16 @@ def test_exactly_once_is_refused_without_transactions(broker, tiny_model, tmp_pa
     assert "exactly_once needs a broker with transactions" in result.stderr
 
 
+def stale_users(collector, last: dict[str, str]) -> list[str]:
+    """Users whose newest list is not for their last event."""
+    return [u for u, i in last.items() if collector.latest.get(u, {}).get("event_id") != i]
+
+
+async def assert_lists_current(collector, last: dict[str, str], log) -> None:
+    assert await collector.wait_for(lambda c: not stale_users(c, last), LIST_TIMEOUT_S), \
+        f"{len(stale_users(collector, last))} users stale; last log:\n{log.read_text()[-3000:]}"
+
+
 async def read_committed_states(bootstrap: str, topic: str) -> dict[str, UserState]:
     return {r.key.decode(): UserState.decode(r.value)
             for r in await harness.read_topic(bootstrap, topic, read_committed=True)}
@@ -69,9 +79,7 @@ async def test_exactly_once_survives_repeated_kill_9(broker, tiny_shop, tiny_mod
             # every other restart on an empty disk: state comes back from the changelog alone
             proc = start(n + 1, tmp_path / ("state" if n % 2 else f"empty-{n}"))
             await harness.wait_for_worker_ready(broker.bootstrap, logs[-1])
-        stale = lambda c: [u for u, i in last.items() if c.latest.get(u, {}).get("event_id") != i]  # noqa: E731
-        assert await collector.wait_for(lambda c: not stale(c), LIST_TIMEOUT_S), \
-            f"{len(stale(collector))} users stale; last log:\n{logs[-1].read_text()[-3000:]}"
+        await assert_lists_current(collector, last, logs[-1])
         assert collector.repeats(last) == 0, f"{collector.repeats(last)} (user, event) lists seen twice"
     finally:
         harness.stop_worker(proc)
@@ -91,7 +99,6 @@ async def test_sigterm_commits_what_was_processed_so_a_restart_repeats_nothing(b
     collector = harness.ListCollector(broker.bootstrap)
     await collector.start()
     logs = [tmp_path / "first.log", tmp_path / "second.log"]
-    stale = lambda c: [u for u, i in last.items() if c.latest.get(u, {}).get("event_id") != i]  # noqa: E731
     proc = harness.start_worker(broker.bootstrap, tiny_model, tmp_path / "state", group="graceful",
                                 partitions=PARTITIONS, log_path=logs[0], extra=small_batches)
     try:
@@ -99,12 +106,11 @@ async def test_sigterm_commits_what_was_processed_so_a_restart_repeats_nothing(b
         await harness.produce(broker.bootstrap, EVENTS_TOPIC, harness.event_records(events))
         assert await collector.wait_for(lambda c: c.messages > 0, 60)
         assert harness.stop_worker(proc) == 0          # SIGTERM mid-backlog
-        assert len(stale(collector)) > 0, "the backlog was done before the signal: nothing tested"
+        assert stale_users(collector, last), "the backlog was done before the signal: nothing tested"
         proc = harness.start_worker(broker.bootstrap, tiny_model, tmp_path / "state", group="graceful",
                                     partitions=PARTITIONS, log_path=logs[1])
         await harness.wait_for_worker_ready(broker.bootstrap, logs[1])
-        assert await collector.wait_for(lambda c: not stale(c), LIST_TIMEOUT_S), \
-            f"{len(stale(collector))} users stale\n{logs[1].read_text()[-3000:]}"
+        await assert_lists_current(collector, last, logs[1])
         assert collector.repeats(last) == 0, f"{collector.repeats(last)} lists repeated after a clean stop"
     finally:
         harness.stop_worker(proc)
