@@ -30,3 +30,10 @@ def test_grafana_dashboard_is_json_with_the_key_panels():
     for metric in ("kafka_consumergroup_lag", "streamrec_events_processed_total",
                    "streamrec_event_to_list_latency_seconds", "streamrec_dlq_messages_total"):
         assert metric in exprs
+
+
+def test_compose_runs_the_kafka_version_the_tests_run():
+    from stream.kafka import KAFKA_VERSION
+
+    text = (DOCKER / "docker-compose.yml").read_text()
+    assert f"image: apache/kafka:{KAFKA_VERSION}" in text, "docker/ and stream/kafka.py disagree on the Kafka version"
