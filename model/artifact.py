@@ -98,7 +98,7 @@ class ModelArtifact:
                 if width == 0:
                     continue  # no known item: zero rows
                 it, ty, ga = (a[rows, -width:] for a in (items, types, gaps))
-                h = self.encoder(it, ty, ga)[:, -1].float()
+                h = self.encoder(it, ty, ga, last_only=True)[:, -1].float()
                 out[rows] = h * (it[:, -1:] > 0)
         self.encoder.train(was_training)
         return out

@@ -56,13 +56,28 @@ def test_several_new_events_unknown_items_and_duplicates():
     enc, index = make_encoder()
     rng = np.random.default_rng(2)
     hist = history(rng, 12, unknown=0.25)
-    inc = IncrementalEncoder(enc, index, budget_bytes=1 << 20)
+    inc = IncrementalEncoder(enc, index, budget_bytes=1 << 20, round_cost=0)   # always step
     inc.encode([EncodeRequest("u", hist[:3], new=3, tail_before=None, tail_after="2")])
     got = inc.encode([EncodeRequest("u", hist[:8], new=5, tail_before="2", tail_after="7")])[0]
     np.testing.assert_allclose(got, full(enc, index, hist[:8], 12), atol=TOLERANCE)
     again = inc.encode([EncodeRequest("u", hist[:8], new=0, tail_before="7", tail_after="7")])[0]
     np.testing.assert_array_equal(again, got)   # a redelivered batch: the cached vector
     assert inc.stats.hits == 2 and inc.stats.misses == 1
+
+
+def test_a_user_with_many_new_events_among_single_steps_is_recomputed_in_full():
+    enc, index = make_encoder()
+    rng = np.random.default_rng(5)
+    hists = [history(rng, 12) for _ in range(4)]
+    inc = IncrementalEncoder(enc, index, budget_bytes=1 << 20)
+    inc.encode([EncodeRequest(f"u{n}", h[:4], new=4, tail_after="a") for n, h in enumerate(hists)])
+    # three users one event on, one user six: six rounds would cost more than its window
+    cut = [5, 5, 5, 10]
+    got = inc.encode([EncodeRequest(f"u{n}", h[:c], new=c - 4, tail_before="a", tail_after="b")
+                      for n, (h, c) in enumerate(zip(hists, cut))])
+    for n, (h, c) in enumerate(zip(hists, cut)):
+        np.testing.assert_allclose(got[n], full(enc, index, h[:c], 12), atol=TOLERANCE)
+    assert inc.stats.hits == 3 and inc.stats.misses == 4 + 1
 
 
 def test_a_stale_entry_or_a_long_gap_falls_back_to_full_recompute():

@@ -121,6 +121,22 @@ def test_encoder_is_causal():
     assert not torch.allclose(h[0, 6:], h2[0, 6:])
 
 
+@pytest.mark.parametrize("positions", ["rope", "learned"])
+def test_last_only_gives_the_last_position_and_the_same_keys(positions):
+    torch.manual_seed(0)
+    enc = SequenceEncoder(EncoderConfig(n_items=20, max_len=8, dim=16, n_heads=2, positions=positions)).eval()
+    items = torch.tensor([[0, 0, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 9]])
+    kv_all, kv_last = [], []
+    with torch.no_grad():
+        full = enc(items, kv_out=kv_all)
+        last = enc(items, kv_out=kv_last, last_only=True)
+    assert last.shape == (2, 1, 16)
+    torch.testing.assert_close(last[:, 0], full[:, -1], atol=1e-5, rtol=1e-5)
+    for (k, v), (k2, v2) in zip(kv_all, kv_last):
+        torch.testing.assert_close(k, k2)
+        torch.testing.assert_close(v, v2)
+
+
 def test_width_must_split_into_heads():
     with pytest.raises(ValueError, match="multiple of n_heads"):
         EncoderConfig(dim=50, n_heads=4)
