@@ -13,7 +13,7 @@ import argparse
 import random
 import time
 
-from stream.events import InvalidMessage, decode_event, encode_dead_letter, encode_event
+from stream.events import InvalidMessage, decode_keyed_event, encode_dead_letter, encode_event
 from streamrec.chaos import expected_outcome, fuzzed, good_events, malformed_corpus
 
 
@@ -21,9 +21,7 @@ def per_message_us(records: list[tuple[bytes | None, bytes | None]]) -> tuple[fl
     started, dead = time.perf_counter(), 0
     for key, value in records:
         try:
-            event = decode_event(value)
-            if key != event.user_id.encode():
-                raise InvalidMessage("key does not match user_id")
+            decode_keyed_event(key, value)
         except InvalidMessage as exc:
             encode_dead_letter(value, exc.reason, "shop-events", 0, 0, key)
             dead += 1

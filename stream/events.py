@@ -102,6 +102,15 @@ def decode_event(value: bytes | None) -> ShopEvent:
     return event_from_dict(_unpack_map(value))
 
 
+def decode_keyed_event(key: bytes | None, value: bytes | None) -> ShopEvent:
+    """A ``shop-events`` record -> ShopEvent: the value decoded and the key checked against its
+    user (the key decides the partition, and so which worker holds the user's state)."""
+    event = event_from_dict(_unpack_map(value))
+    if key != event.user_id.encode():
+        raise InvalidMessage("key does not match user_id")
+    return event
+
+
 def encode_event(event: ShopEvent | dict) -> bytes:
     if isinstance(event, ShopEvent):
         event = {

@@ -29,6 +29,7 @@ from stream.lag import DEFAULT_GROUP, SEVERITY, LagEvaluator, lag_snapshot
 log = logging.getLogger(__name__)
 
 STAGES = ("state", "encode", "search", "rerank", "publish")
+DEFAULT_VARIANT = "default"   # the variant label of lists served without A/B variants
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 EVENT_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
@@ -100,14 +101,14 @@ class WorkerMetrics:
         finally:
             self.observe_stage(stage, time.perf_counter() - start)
 
-    def observe_event_latency(self, seconds, variant: str = "default") -> None:
+    def observe_event_latency(self, seconds, variant: str = DEFAULT_VARIANT) -> None:
         """Event-to-list latencies of a whole batch (an array or a list of seconds)."""
         observe_many(self.event_latency.labels(variant=variant), seconds)
 
     def count_dlq(self, reason: str, n: int = 1) -> None:
         self.dlq.labels(reason=reason).inc(n)
 
-    def count_published(self, n: int = 1, variant: str = "default") -> None:
+    def count_published(self, n: int = 1, variant: str = DEFAULT_VARIANT) -> None:
         self.published.labels(variant=variant).inc(n)
 
     def set_lag(self, snapshot) -> None:

@@ -28,21 +28,20 @@ from aiokafka import TopicPartition
 
 from stream.delivery import DeliveryFailed
 from stream.events import (DELETE_USER, DLQ_TOPIC, RECOMMENDATIONS_TOPIC, InvalidMessage, ShopEvent,
-                           decode_event, encode_dead_letter, encode_recommendations)
+                           decode_keyed_event, encode_dead_letter, encode_recommendations)
 from stream.intake import RecordIntake
+from stream.metrics import DEFAULT_VARIANT, STAGES
 from stream.state import StateTable, UserState
 
 log = logging.getLogger(__name__)
 
 EXIT_BATCH_FAILED = 70
-DEFAULT_VARIANT = "default"   # the metrics' variant label without A/B variants
 MAX_KEY_BYTES = 1024           # a dead letter keeps a longer original key in its value, not as its key
 # Retention: rows of the local state the sweep looks at per batch (a bounded cost: ~32 state
 # decodes), over the assigned partitions in turn.
 SWEEP_ROWS_PER_BATCH = 32
 RECOMMEND_ATTEMPTS = 3
 RECOMMEND_RETRY_BACKOFF_S = 1.0
-STAGES = ("state", "encode", "search", "rerank", "publish")
 
 
 @dataclass
@@ -159,9 +158,7 @@ class BatchPipeline:
             batch.records += len(records)
             for record in records:
                 try:
-                    event = decode_event(record.value)
-                    if record.key != event.user_id.encode():
-                        raise InvalidMessage("key does not match user_id")
+                    event = decode_keyed_event(record.key, record.value)
                 except InvalidMessage as exc:
                     dead = encode_dead_letter(record.value, exc.reason, record.topic, p, record.offset, record.key)
                     key = record.key if len(record.key or b"") <= MAX_KEY_BYTES else None
@@ -274,8 +271,9 @@ class BatchPipeline:
                     raise
                 log.exception("recommending batch %d failed (attempt %d/%d)", batch.seq, attempt, RECOMMEND_ATTEMPTS)
                 await asyncio.sleep(RECOMMEND_RETRY_BACKOFF_S * attempt)
+                # users without what is new in them: encoded in full, which rebuilds their cache
                 future = loop.run_in_executor(self.executor, self.recommender.recommend_batch, batch.states,
-                                              [], updates)   # the cache is rebuilt for these users
+                                              [], updates, batch.users)
 
     def _persist(self, upto_seq: int) -> None:
         offsets: dict[int, int] = {}
@@ -310,12 +308,10 @@ class BatchPipeline:
                     m.count_published(int(mine.sum()), variant)
                     m.observe_event_latency(latency[mine], variant)
             cache = self.recommender.cache_counters()
-            if cache:   # running totals; a hot-swapped model starts them afresh
+            if cache:   # running totals since start
                 hits, misses = cache["cache_hits"], cache["cache_misses"]
                 seen_hits, seen_misses = self._cache_seen
-                m.observe_cache(hits - seen_hits if hits >= seen_hits else hits,
-                                misses - seen_misses if misses >= seen_misses else misses,
-                                cache["cache_users"], cache["cache_bytes"])
+                m.observe_cache(hits - seen_hits, misses - seen_misses, cache["cache_users"], cache["cache_bytes"])
                 self._cache_seen = (hits, misses)
 
     # ------------------------------------------------------------------ rebalances and shutdown

@@ -132,8 +132,9 @@ class ServingModel:
         return cls(artifact, index, reranker, model_dir, incremental)
 
     def encode(self, states: list[UserState], users=None, new=None, tails=None) -> np.ndarray:
-        """User vectors: incremental where the model and the cache allow, else in full."""
-        if self.incremental is None or users is None:
+        """User vectors: incremental where the model and the cache allow, else in full (also
+        without ``new``: what each state gained is unknown)."""
+        if self.incremental is None or users is None or new is None:
             return self.artifact.encode([s.history() for s in states])
         return self.incremental.encode([
             EncodeRequest(user, state.history(), n, tail, state.last_event_id)
@@ -174,6 +175,7 @@ class Recommender:
         self.model = ServingModel.load(self.model_path, self.catalogue, self.config, cache_bytes)
         self._pending: ServingModel | None = None
         self.timings: dict[str, float] = {}
+        self._retired_lookups = (0, 0)   # cache hits and misses of the models swapped out
 
     # --- hot-swap: poll (any thread), then swap on the loop between batches
     def poll_for_new_version(self) -> bool:
@@ -203,6 +205,10 @@ class Recommender:
         if pending is None:
             return None
         pending.add_unseen_items(self.catalogue)
+        if self.model.incremental is not None:   # the counters stay running totals across swaps
+            hits, misses = self._retired_lookups
+            st = self.model.incremental.stats
+            self._retired_lookups = (hits + st.hits, misses + st.misses)
         old, self.model = self.model.version, pending
         log.info("hot-swapped model %s -> %s", old, pending.version)
         return pending.version
@@ -247,12 +253,16 @@ class Recommender:
         return BatchResult(lists, [version] * len(lists), [None] * len(lists), dict(self.timings))
 
     def cache_counters(self) -> dict:
-        """The encoder cache's running totals (``cache_*`` keys, none without a cache)."""
+        """The encoder cache's running totals since start, across hot-swaps (``cache_*`` keys;
+        none if no model served had a cache)."""
+        hits, misses = self._retired_lookups
         inc = self.model.incremental
         if inc is None:
-            return {}
+            return {"cache_hits": hits, "cache_misses": misses, "cache_users": 0, "cache_bytes": 0} \
+                if hits or misses else {}
         st = inc.stats
-        return {"cache_hits": st.hits, "cache_misses": st.misses, "cache_users": st.users, "cache_bytes": st.bytes}
+        return {"cache_hits": hits + st.hits, "cache_misses": misses + st.misses, "cache_users": st.users,
+                "cache_bytes": st.bytes}
 
     def recommend(self, states: list[UserState], users=None, new=None, tails=None) -> tuple[list[list[dict]], str]:
         """Lists for each state, and the version of the model that made them."""

@@ -10,6 +10,7 @@ and the trending items are shared: they describe the shop, not a model.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,10 +52,16 @@ def bucket(experiment: str, user: str) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
-def assign(experiment: str, user: str, variants: list[Variant]) -> int:
-    """The index of ``user``'s variant: weights cut [0, 1) into consecutive shares."""
-    bounds = np.cumsum([v.weight for v in variants]) / sum(v.weight for v in variants)
-    return min(int(np.searchsorted(bounds, bucket(experiment, user), side="right")), len(variants) - 1)
+def shares(variants: list[Variant]) -> list[float]:
+    """The upper ends of the variants' consecutive shares of [0, 1), in order."""
+    return list(np.cumsum([v.weight for v in variants]) / sum(v.weight for v in variants))
+
+
+def assign(experiment: str, user: str, variants: list[Variant], bounds: list[float] | None = None) -> int:
+    """The index of ``user``'s variant: weights cut [0, 1) into consecutive shares (``bounds``:
+    ``shares(variants)``, computed once by a caller that assigns many users)."""
+    bounds = shares(variants) if bounds is None else bounds
+    return min(bisect.bisect_right(bounds, bucket(experiment, user)), len(variants) - 1)
 
 
 class VariantRecommender:
@@ -73,11 +80,10 @@ class VariantRecommender:
         first = Recommender(variants[0].model, config, **kwargs)
         self.recommenders = [first] + [Recommender(v.model, config, catalogue=first.catalogue,
                                                    trending=first.trending, **kwargs) for v in variants[1:]]
-        self.catalogue, self.trending = first.catalogue, first.trending
-        self.timings: dict[str, float] = {}
+        self.bounds = shares(variants)
 
     def variant_of(self, user: str) -> int:
-        return assign(self.experiment, user, self.variants)
+        return assign(self.experiment, user, self.variants, self.bounds)
 
     def recommend_batch(self, states, events=(), catalogue_updates=(), users=None, new=None, tails=None, forget=()):
         """Recommender.recommend_batch per variant, put back in the batch's order (stage seconds
@@ -106,7 +112,6 @@ class VariantRecommender:
                 lists[n], versions[n], names[n] = ranked, version, self.variants[v].name
             for stage, seconds in got.timings.items():
                 timings[stage] = timings.get(stage, 0.0) + seconds
-        self.timings = timings
         return BatchResult(lists, versions, names, timings)
 
     def poll_for_new_version(self) -> bool:

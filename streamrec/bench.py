@@ -169,13 +169,12 @@ def run_e2e(options: E2EOptions) -> dict:
     workload = ShopWorkload(options) if options.workload == "shop" else ScaleWorkload(options)
     model = options.model or workload.train(workdir / "rope", options)
     phases = [workload.phase(n) for n in range(len(options.rates))]   # the same events for every run
+    # an earlier commit serves models of its own format: learned positions, same recipe and data
+    learned = workload.train(workdir / "learned", options, positions="learned") \
+        if any(v.startswith("commit:") for v in options.compare) else None
     runs = []
     for variant in ["worker", *options.compare]:
-        if variant.startswith("commit:"):
-            # an earlier commit serves models of its own format: learned positions, same recipe and data
-            run_model = workload.train(workdir / "learned", options, positions="learned")
-        else:
-            run_model = model
+        run_model = learned if variant.startswith("commit:") else model
         runs.append(_run_variant(variant, run_model, workload, phases, options, workdir / variant.replace(":", "-")))
     return {"broker": options.broker_kind, "guarantee": options.guarantee, "workers": options.workers,
             "workload": options.workload, "events_per_phase": options.events, "users": workload.users,
@@ -257,8 +256,7 @@ def _train(log, workdir: Path, config, positions: str = "rope") -> Path:
 
     config = dataclasses.replace(config, encoder=dataclasses.replace(config.encoder, positions=positions))
     out = workdir / "model"
-    if not (out / "metadata.json").exists():
-        write_model_dir(out, lambda tmp: train(log, config, out_dir=tmp, progress=False), users_for_tuning=log)
+    write_model_dir(out, lambda tmp: train(log, config, out_dir=tmp, progress=False), users_for_tuning=log)
     return out
 
 

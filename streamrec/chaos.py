@@ -41,7 +41,7 @@ import msgpack
 from aiokafka import AIOKafkaProducer
 
 from stream.events import (DLQ_TOPIC, EVENTS_TOPIC, ITEMS_TOPIC, MAX_ID_CHARS, InvalidMessage, decode_dead_letter,
-                           decode_event, encode_event, encode_item)
+                           decode_event, decode_keyed_event, encode_event, encode_item)
 from stream.lag import lag_snapshot
 from stream.state import UserState
 from streamrec import harness
@@ -187,9 +187,7 @@ def fuzzed(rng: random.Random, good: dict) -> tuple[str, bytes, bytes]:
 def expected_outcome(key: bytes | None, value: bytes | None) -> str | None:
     """None for a valid event, else the dead-letter reason the contract gives it."""
     try:
-        event = decode_event(value)
-        if key != event.user_id.encode():
-            raise InvalidMessage("key does not match user_id")
+        decode_keyed_event(key, value)
     except InvalidMessage as exc:
         return exc.reason
     return None
@@ -228,12 +226,9 @@ class Workers:
         return n
 
     def _note_rss(self, n: int) -> None:
-        try:
-            for line in Path(f"/proc/{self.procs[n].pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    self.peak_rss_mb = max(self.peak_rss_mb, int(line.split()[1]) / 1024)
-        except OSError:
-            pass
+        from streamrec.bench import peak_rss_mb
+
+        self.peak_rss_mb = max(self.peak_rss_mb, peak_rss_mb(self.procs[n].pid) or 0.0)
 
     def kill(self, n: int) -> None:
         self._note_rss(n)
@@ -373,7 +368,7 @@ async def stream_with_fault(row: Row, bootstrap: str, records, fault, rate: floa
     traffic = Traffic(bootstrap, rate)
     producing = asyncio.create_task(traffic.run(records))
     try:
-        await fault(traffic)
+        await fault()
     finally:
         await producing
     row.offered = traffic.sent
@@ -432,7 +427,7 @@ async def _scenario(row: Row, broker, model: Path, good: list[dict], options: Ch
     try:
         await workers.start()
         await collector.start()
-        fault = await _fault(row.scenario, rng, broker, workers, good, records, options, workdir, row)
+        fault = await _fault(row.scenario, rng, broker, workers, good, records, options, row)
         traffic = await stream_with_fault(row, broker.bootstrap, records, fault, options.rate)
         workers.check()
         settled = await wait_for_zero_lag(broker.bootstrap, time.monotonic())
@@ -453,7 +448,7 @@ async def _scenario(row: Row, broker, model: Path, good: list[dict], options: Ch
         await collector.stop()
 
 
-async def _fault(scenario, rng, broker, workers: Workers, good, records, options, workdir, row: Row):
+async def _fault(scenario, rng, broker, workers: Workers, good, records, options, row: Row):
     """Returns the coroutine function that injects ``scenario``'s faults while traffic flows;
     may also rewrite ``records`` (malformed) or prepare files (model-corrupt)."""
     duration = len(records) / options.rate
@@ -464,7 +459,7 @@ async def _fault(scenario, rng, broker, workers: Workers, good, records, options
             row.recovery_s.append(took)
 
     if scenario == "kill":
-        async def fault(traffic):
+        async def fault():
             for k in range(options.kills):
                 await asyncio.sleep(duration / (options.kills + 1))
                 (n,) = workers.running
@@ -478,7 +473,7 @@ async def _fault(scenario, rng, broker, workers: Workers, good, records, options
     if scenario == "rebalance":
         await workers.start()   # two in the group from the start
 
-        async def fault(traffic):
+        async def fault():
             await asyncio.sleep(duration / 4)
             since = time.monotonic()
             await workers.start()                    # a third joins
@@ -493,7 +488,7 @@ async def _fault(scenario, rng, broker, workers: Workers, good, records, options
         # the one node stopped cleanly for 3 s; or one node of three killed for 5 s
         node, kill, pause = (0, False, 3) if scenario == "broker-restart" else (1, True, 5)
 
-        async def fault(traffic):
+        async def fault():
             await asyncio.sleep(duration / 3)
             since = time.monotonic()
             await asyncio.to_thread(broker.stop_node, node, kill)
@@ -522,14 +517,14 @@ async def _fault(scenario, rng, broker, workers: Workers, good, records, options
                     mixed.append((key, value, None, reason))
         records[:] = mixed
 
-        async def fault(traffic):
+        async def fault():
             pass
         return fault
 
     if scenario == "model-corrupt":
         root = workers.model   # the folder of versions the worker watches
 
-        async def fault(traffic):
+        async def fault():
             await asyncio.sleep(duration / 4)
             half = root / "v2-half"                   # no metadata.json yet: not a version
             shutil.copytree(root / "v1", half)
@@ -549,7 +544,7 @@ async def _fault(scenario, rng, broker, workers: Workers, good, records, options
     if scenario == "catalogue-flood":
         items = sorted({e["item_id"] for e in good})
 
-        async def fault(traffic):
+        async def fault():
             updates = ((i.encode(), encode_item(i, rng.random() > 0.1, [f"brand:{rng.randrange(50)}"]))
                        for i in (rng.choice(items) for _ in range(options.catalogue_updates)))
             await harness.produce(broker.bootstrap, ITEMS_TOPIC, updates)

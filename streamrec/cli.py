@@ -412,8 +412,10 @@ def bench_chaos(broker_kind: str = typer.Option("tansu", help="tansu (embedded) 
     unknown = [s for s in chosen if s not in SCENARIOS]
     if unknown or not chosen:
         _fail(f"--scenarios takes {', '.join(SCENARIOS)}; got {', '.join(unknown) or 'none'}")
-    if broker_kind not in ("tansu", "kafka"):
-        _fail("--broker-kind must be tansu or kafka")
+    from streamrec.bench import BROKER_KINDS
+
+    if broker_kind not in BROKER_KINDS:
+        _fail(f"--broker-kind must be one of {', '.join(BROKER_KINDS)}")
     rows = run_chaos(ChaosOptions(broker_kind=broker_kind, scenarios=chosen, events=events, rate=rate, kills=kills,
                                   malformed=malformed, catalogue_updates=catalogue_updates, model=model))
     typer.echo(json.dumps([r.as_dict() for r in rows]) if as_json else render(rows))

@@ -181,3 +181,20 @@ def test_a_batch_larger_than_the_budget_still_encodes_everyone():
     assert len(inc.slot_of) == inc.capacity == 2 and list(inc.slot_of) == ["u3", "u4"]
     step = inc.encode([EncodeRequest("u4", hists[4] + history(rng, 1), new=1, tail_before="t4", tail_after="x")])
     assert inc.stats.hits == 1 and np.isfinite(step).all()
+
+
+def test_cache_counters_are_running_totals_across_a_hot_swap(tiny_model):
+    from stream.recommender import Recommender, ServingModel
+    from stream.state import UserState
+
+    rec = Recommender(tiny_model)
+    state = UserState()
+    state.items, state.types, state.ts = ["1", "2"], ["view", "view"], [1.0, 2.0]
+    rec.recommend([state], ["u"], [2], [None])
+    before = rec.cache_counters()
+    assert before["cache_misses"] == 1
+    rec._pending = ServingModel.load(tiny_model, rec.catalogue, rec.config)   # the same version, reloaded
+    rec.swap_if_pending()
+    rec.recommend([state], ["u"], [2], [None])
+    after = rec.cache_counters()
+    assert after["cache_misses"] == 2 and after["cache_hits"] == before["cache_hits"]

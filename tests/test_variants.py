@@ -90,3 +90,14 @@ async def test_a_worker_serves_each_user_its_variant(broker, tiny_model, tiny_sh
     finally:
         harness.stop_worker(proc)
         await collector.stop()
+
+
+def test_a_retried_batch_without_what_is_new_is_encoded_in_full(tiny_model):
+    """The pipeline's retry passes the users but not their new events: no variant may fail on it."""
+    from stream.state import UserState
+    from stream.variants import VariantRecommender
+
+    rec = VariantRecommender([Variant("a", tiny_model, 1.0), Variant("b", tiny_model, 1.0)])
+    states = [UserState(items=["1", "2"], types=["view", "view"], ts=[1.0, 2.0]) for _ in range(6)]
+    result = rec.recommend_batch(states, [], [], [f"u{n}" for n in range(6)])
+    assert len(result.lists) == 6 and set(result.variants) <= {"a", "b"}
