@@ -21,7 +21,8 @@ Each entry's "score" is its relevance (model score plus boost); the list order i
 order, so with diversity on a later entry can score higher than an earlier one.
 
 Everything is vectorised over the batch of users; Python work is per user, not per candidate,
-and the two batched products (candidate similarities, "because") run in bf16.
+and the two batched products (candidate similarities, "because") run in bf16 where the CPU
+runs it fast (AVX512-BF16, AMX), in float32 elsewhere.
 Row numbers are the rows of `ItemIndex`: when cold-start items are added, call
 `ItemIndex.add(vectors)` and `Reranker.add_items(items, vectors)` with the same order.
 """
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 
 from index.catalogue import Catalogue
+from model.artifact import bf16_is_fast
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,9 @@ BECAUSE_HISTORY_MAX = 50
 # Attributes carried by more than this share of the catalogue are categories, not caps.
 DEFAULT_CAP_ATTRIBUTE_MAX_SHARE = 0.02
 NOT_CHOSEN = -1
+# The similarity and "because" products: bf16 halves the bytes gathered where the CPU runs it
+# natively; emulated bf16 (no AVX512-BF16) would be slower than float32.
+PRODUCT_DTYPE = torch.bfloat16 if bf16_is_fast(torch.device("cpu")) else torch.float32
 
 
 @dataclass
@@ -107,7 +112,7 @@ class Reranker:
         self._vectors = np.empty((0, item_vectors.shape[1]), dtype=np.float32)
         self._unit = self._vectors
         self._cache_key: tuple[int, int] | None = None
-        self._bf16_cache: dict = {}
+        self._product_cache: dict = {}
         self._attributes_key: tuple[int, int] | None = None
         self._capped_attributes: np.ndarray | None = None
         self.add_items(items, item_vectors)
@@ -276,7 +281,7 @@ class Reranker:
         if diversity <= 0 and caps is None:  # columns are already in relevance order
             top = np.broadcast_to(np.arange(k), (batch, k))
             return np.where(keep[:, :k], top, NOT_CHOSEN)
-        gram = self._similarities(safe_rows) if diversity > 0 else None  # [B, C, C] cosines, bf16
+        gram = self._similarities(safe_rows) if diversity > 0 else None  # [B, C, C] cosines
         users_t = torch.arange(batch)
         max_sim = np.zeros((batch, width), dtype=np.float32)
         open_ = keep.copy()
@@ -305,18 +310,18 @@ class Reranker:
         return chosen
 
     def _similarities(self, rows: np.ndarray):
-        """[B, C, C] cosine similarities among each user's candidates (a bf16 tensor): one batched
+        """[B, C, C] cosine similarities among each user's candidates (a torch tensor): one batched
         product, after which each greedy step only reads a column, instead of C x D work per step."""
-        unit = self._bf16("unit").index_select(0, torch.from_numpy(rows.reshape(-1))).view(*rows.shape, -1)
+        unit = self._for_products("unit").index_select(0, torch.from_numpy(rows.reshape(-1))).view(*rows.shape, -1)
         return torch.bmm(unit, unit.transpose(1, 2))
 
-    def _bf16(self, which: str):
-        """bf16 copies of the item vectors (``vectors``) or unit vectors (``unit``), for batched
-        products; rebuilt when items were added."""
+    def _for_products(self, which: str):
+        """Torch copies of the item vectors (``vectors``) or unit vectors (``unit``) for the
+        batched products, in PRODUCT_DTYPE; rebuilt when items were added."""
         source = self._vectors if which == "vectors" else self._unit
-        cached = self._bf16_cache.get(which)
+        cached = self._product_cache.get(which)
         if cached is None or len(cached) != len(source):
-            cached = self._bf16_cache[which] = torch.from_numpy(source).to(torch.bfloat16)
+            cached = self._product_cache[which] = torch.from_numpy(source).to(PRODUCT_DTYPE)
         return cached
 
     def _because(self, history_rows: list[np.ndarray], chosen_rows: np.ndarray) -> np.ndarray:
@@ -329,7 +334,7 @@ class Reranker:
         for user, rows in enumerate(history_rows):
             recent = rows[-longest:]
             padded[user, : len(recent)] = recent
-        vectors = self._bf16("vectors")
+        vectors = self._for_products("vectors")
         hist = vectors.index_select(0, torch.from_numpy(np.maximum(padded, 0).reshape(-1))).view(batch, longest, -1)
         recs = vectors.index_select(0, torch.from_numpy(np.maximum(chosen_rows, 0).reshape(-1))).view(batch, k, -1)
         affinity = torch.bmm(recs, hist.transpose(1, 2)).float().numpy()   # [B, k, H]

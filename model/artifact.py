@@ -31,6 +31,17 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products beat float32 here (CUDA, or a CPU with AVX512-BF16/AMX);
+    elsewhere bf16 is emulated and slower, so training and serving stay in float32."""
+    if device.type == "cuda":
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def new_version(items: list[str]) -> str:
     """Timestamp plus a short random-ish hash: unique per training run, sortable by time."""
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())

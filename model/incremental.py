@@ -294,7 +294,7 @@ class IncrementalEncoder:
 def for_serving(encoder: SequenceEncoder, token_index: dict[str, int], budget_bytes: int = DEFAULT_BUDGET_BYTES):
     """The serving configuration: a bf16 cache (half the bytes to gather), and the linear
     layers in bf16 where the hardware runs bfloat16 fast (CUDA, AVX512-BF16)."""
-    from model.train import bf16_is_fast
+    from model.artifact import bf16_is_fast
 
     device = next(encoder.parameters()).device
     return IncrementalEncoder(encoder, token_index, budget_bytes=budget_bytes, device=device,

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from model.artifact import ModelArtifact, default_device
+from model.artifact import ModelArtifact, bf16_is_fast, default_device
 from model.data import Log, attributes_beside, featurize, leave_one_out, left_pad, load_attributes, load_log
 from model.encoder import EncoderConfig, SequenceEncoder
 from model.evaluate import build_eval_set, evaluate
@@ -58,15 +58,6 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- data
-
-def bf16_is_fast(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return True
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
 
 def build_vocab(log: Log) -> list[str]:
     """All item ids of the log, numeric ids in numeric order, others after them."""

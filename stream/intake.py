@@ -53,20 +53,27 @@ class RecordIntake:
     async def wait_for_room(self) -> None:
         await self._room.wait()
 
-    async def take(self, max_records: int, within: float) -> list[tuple[object, list]]:
-        """Wait for records, then up to ``within`` seconds more to fill ``max_records``."""
+    async def take(self, max_records: int, within: float,
+                   ready: asyncio.Event | None = None) -> list[tuple[object, list]]:
+        """Wait for records, then up to ``within`` seconds more to fill ``max_records``, unless
+        ``ready`` is (or becomes) set: the consumer of batches is idle, so waiting would only add
+        latency (natural batching: under load the consumer is busy and batches fill by themselves)."""
         while not self._chunks:
             self._arrived.clear()
             await self._arrived.wait()
         deadline = time.monotonic() + within
-        while self._buffered < max_records:
+        while self._buffered < max_records and not (ready is not None and ready.is_set()):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-            except asyncio.TimeoutError:
+            waits = [asyncio.ensure_future(self._arrived.wait())]
+            if ready is not None:
+                waits.append(asyncio.ensure_future(ready.wait()))
+            done, pending = await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in pending:
+                waiter.cancel()
+            if not done:
                 break
         out, taken = [], 0
         while self._chunks and taken < max_records:

@@ -85,6 +85,11 @@ class BatchPipeline:
         self._done_seq = 0          # the newest batch whose records are all sent
         self._commit_lock = asyncio.Lock()
         self._in_flight = 0
+        # Set while the recommend thread has no batch: a partial batch then goes at once instead
+        # of waiting batch_wait_s for more (under load the thread is busy and batches fill).
+        self._recommending = 0
+        self._recommender_idle = asyncio.Event()
+        self._recommender_idle.set()
         self._idle = asyncio.Event()
         self._idle.set()
         self._open = asyncio.Event()    # cleared while a rebalance or a shutdown drains the pipeline
@@ -102,7 +107,7 @@ class BatchPipeline:
         loop = asyncio.get_running_loop()
         while True:
             await self._open.wait()
-            chunks = await self.intake.take(self.max_batch, self.batch_wait_s)
+            chunks = await self.intake.take(self.max_batch, self.batch_wait_s, ready=self._recommender_idle)
             if not chunks or not self._open.is_set():
                 continue   # a rebalance cleared them: the consumer seeks back to the committed offsets
             self._seq += 1
@@ -111,9 +116,17 @@ class BatchPipeline:
             future = loop.run_in_executor(self.executor, self.recommender.recommend_batch, batch.states,
                                           batch.events, updates, batch.users, batch.new, batch.tails,
                                           [key.decode() for _, key in batch.erased])
+            self._recommending += 1
+            self._recommender_idle.clear()
+            future.add_done_callback(self._recommended)
             self._in_flight += 1
             self._idle.clear()
             await self._handoff.put((batch, future, updates))
+
+    def _recommended(self, _future) -> None:
+        self._recommending -= 1
+        if not self._recommending:
+            self._recommender_idle.set()
 
     async def _stage2(self) -> None:
         while True:

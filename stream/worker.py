@@ -49,7 +49,7 @@ class WorkerSettings:
     group: str = "streamrec"
     partitions: int = 4             # used when shop-events does not exist yet; an existing topic's count wins
     max_batch: int = 512            # events per micro-batch (one encoder call, one FAISS search)
-    batch_wait_s: float = 0.02      # how long a partial batch waits for more events
+    batch_wait_s: float = 0.02      # how long a partial batch waits for more while the recommend thread is busy
     store: str = "auto"             # "rocksdb", "memory" or "auto" (rocksdb when rocksdict imports)
     data_dir: Path = Path(".streamrec")
     reload_interval_s: float = 5.0  # how often the model directory is checked for a new version

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
+from index import rerank
 from index.catalogue import Catalogue
 from index.rerank import Reranker, RerankConfig, UserContext
 
@@ -184,3 +186,17 @@ def test_batch_of_users_is_independent():
     for u, result in enumerate(batched):
         assert len(result) == 10 and len(set(ids(result))) == 10
         assert not set(ids(result)) & set(contexts[u].history)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_diversity_and_because_in_either_product_precision(monkeypatch, dtype):
+    """bf16 products where the CPU runs them natively, float32 elsewhere: the same lists."""
+    monkeypatch.setattr(rerank, "PRODUCT_DTYPE", dtype)
+    rows = np.arange(10)[None, :]
+    scores = np.linspace(1.0, 0.5, 10, dtype=np.float32)[None, :]
+    reranker = near_duplicates_reranker(diversity=3.0)
+    [diverse] = reranker.rerank([UserContext(history=["i9"])], rows, scores)
+    assert reranker._for_products("unit").dtype == dtype
+    assert ids(diverse)[0] == "i0"
+    assert sum(item in {"i0", "i1", "i2", "i3", "i4"} for item in ids(diverse)) == 1
+    assert all(entry["because"] == "i9" for entry in diverse)
