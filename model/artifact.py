@@ -124,6 +124,8 @@ class ModelArtifact:
         config = dataclasses.asdict(self.config)
         if config["positions"] == "learned":  # the format that versions before rotary positions read
             del config["positions"], config["rope_base"]
+        if not config["conv_kernel"]:   # ... and before the input convolution
+            del config["conv_kernel"]
         _write_json(directory / CONFIG, config)
         _write_json(directory / VOCAB, self.items)
         _write_json(directory / METADATA, self.metadata)
@@ -134,6 +136,7 @@ class ModelArtifact:
         directory = Path(directory)
         raw = json.loads((directory / CONFIG).read_text())
         raw.setdefault("positions", "learned")  # written before rotary positions existed
+        raw.setdefault("conv_kernel", 0)        # written before the input convolution existed
         cfg = EncoderConfig(**raw)
         items = json.loads((directory / VOCAB).read_text())
         metadata = json.loads((directory / METADATA).read_text())

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from model.data import Interaction, TYPE_ID, featurize, gap_bucket, left_pad
 from model.encoder import SequenceEncoder, rotate
@@ -87,13 +88,18 @@ class IncrementalEncoder:
         self.round_cost = round_cost
         layers, heads, hd = cfg.n_layers, cfg.n_heads, cfg.head_dim
         itemsize = torch.tensor([], dtype=self.dtype).element_size()
-        slot_bytes = layers * 2 * heads * self.window * hd * itemsize + cfg.dim * 4
+        slot_bytes = (layers * 2 * heads * self.window * hd + max(0, cfg.conv_kernel - 1) * cfg.dim) * itemsize \
+            + cfg.dim * 4
         self.capacity = max(1, budget_bytes // slot_bytes)
         # torch.empty: pages are only touched (resident) once a slot is used
         shape = (self.capacity, heads, self.window, hd)
         self.keys = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(layers)]
         self.values = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(layers)]
         self.out = torch.empty(self.capacity, cfg.dim, dtype=torch.float32, device=self.device)
+        # the embedded inputs of each user's last conv_kernel - 1 known events (0: none), which
+        # the input convolution mixes into the next event's
+        self.before = max(0, cfg.conv_kernel - 1)
+        self.recent = torch.zeros(self.capacity, self.before, cfg.dim, dtype=self.dtype, device=self.device)
         self.count = np.zeros(self.capacity, dtype=np.int64)      # the next event's position
         self.start = np.zeros(self.capacity, dtype=np.int64)      # positions below it are padding
         self.tail: list[str | None] = [None] * self.capacity
@@ -205,7 +211,12 @@ class IncrementalEncoder:
         held = count[:, None] - (count[:, None] - self._ring[None, :]) % W
         hidden = (held < start[:, None])[:, None, None, :]                           # [B, 1, 1, W]
         scale = self.cfg.head_dim ** -0.5
-        x = enc.ln_in(enc.embed(items, types, gaps))[:, None, :]                     # [B, 1, D]
+        x = enc.embed(items, types, gaps)[:, None, :]                                # [B, 1, D]
+        if self.before:
+            window = torch.cat([self.recent[index].to(x.dtype), x], 1)              # [B, K, D]
+            self.recent[index] = window[:, 1:].to(self.dtype)
+            x = enc.mix_recent(window)[:, -1:]
+        x = enc.ln_in(x)
         for layer, block in enumerate(enc.blocks):
             q, k, v = (t.float() for t in block.attn.heads(x))                      # [B, H, 1, hd]
             q, k = rotate(q, angles), rotate(k, angles)
@@ -270,6 +281,10 @@ class IncrementalEncoder:
             if width < self.window:   # never attended to, but 0 * NaN is NaN
                 self.keys[layer][index, :, width:] = 0
                 self.values[layer][index, :, width:] = 0
+        if self.before:
+            tail = [t[torch.from_numpy(rows).to(self.device), -self.before:] for t in tensors]
+            tail = [F.pad(t, (self.before - t.shape[1], 0)) for t in tail]   # a window shorter than that
+            self.recent[index] = (self.encoder.embed(*tail) * (tail[0] > 0)[..., None]).to(self.dtype)
         self.count[slots] = width
         self.start[slots] = width - lengths[known]
         self.out[index] = h

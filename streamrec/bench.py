@@ -169,7 +169,8 @@ def run_e2e(options: E2EOptions) -> dict:
     workload = ShopWorkload(options) if options.workload == "shop" else ScaleWorkload(options)
     model = options.model or workload.train(workdir / "rope", options)
     phases = [workload.phase(n) for n in range(len(options.rates))]   # the same events for every run
-    # an earlier commit serves models of its own format: learned positions, same recipe and data
+    # an earlier commit serves models of its own format: learned positions, no input convolution,
+    # same recipe and data
     learned = workload.train(workdir / "learned", options, positions="learned") \
         if any(v.startswith("commit:") for v in options.compare) else None
     runs = []
@@ -254,7 +255,10 @@ def _train(log, workdir: Path, config, positions: str = "rope") -> Path:
     from model.train import train
     from stream.recommender import write_model_dir
 
-    config = dataclasses.replace(config, encoder=dataclasses.replace(config.encoder, positions=positions))
+    encoder = dataclasses.replace(config.encoder, positions=positions)
+    if positions == "learned":   # what earlier commits load: no input convolution either
+        encoder = dataclasses.replace(encoder, conv_kernel=0)
+    config = dataclasses.replace(config, encoder=encoder)
     out = workdir / "model"
     write_model_dir(out, lambda tmp: train(log, config, out_dir=tmp, progress=False), users_for_tuning=log)
     return out

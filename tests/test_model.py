@@ -110,6 +110,7 @@ def test_leave_one_out():
 def test_encoder_is_causal():
     torch.manual_seed(0)
     enc = SequenceEncoder(EncoderConfig(n_items=20, max_len=8, dim=16, n_heads=2)).eval()
+    torch.nn.init.normal_(enc.conv)   # the input convolution must not look ahead either
     items = torch.tensor([[0, 0, 3, 4, 5, 6, 7, 8]])
     types = torch.tensor([[0, 0, 1, 2, 3, 4, 1, 2]])
     gaps = torch.tensor([[0, 0, 0, 3, 4, 5, 6, 7]])
@@ -228,3 +229,15 @@ def test_max_minutes_stops_cleanly(tmp_path):
     assert artifact.metadata["stopped"] == "max_minutes"
     assert artifact.metadata["epochs_run"] < 1000
     assert (tmp_path / "metadata.json").exists()
+
+
+def test_a_model_saved_before_the_input_convolution_loads_without_it(trained, tmp_path):
+    _, out, _ = trained
+    legacy = tmp_path / "legacy"
+    enc = SequenceEncoder(EncoderConfig(dim=32, n_layers=1, max_len=20, n_items=20, conv_kernel=0))
+    ModelArtifact(enc, [f"item{n}" for n in range(20)]).save(legacy)
+    assert "conv_kernel" not in json.loads((legacy / "config.json").read_text())   # the older format
+    loaded = ModelArtifact.load(legacy)
+    assert loaded.config.conv_kernel == 0 and not hasattr(loaded.encoder, "conv")
+    assert ModelArtifact.load(out).config.conv_kernel == EncoderConfig.conv_kernel   # the recipe's
+
