@@ -86,19 +86,18 @@ class IncrementalEncoder:
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
         self.window = cfg.max_len
         self.round_cost = round_cost
+        # the embedded inputs of each user's last conv_kernel - 1 known events (0: none), which
+        # the input convolution mixes into the next event's
+        self.before = max(0, cfg.conv_kernel - 1)
         layers, heads, hd = cfg.n_layers, cfg.n_heads, cfg.head_dim
         itemsize = torch.tensor([], dtype=self.dtype).element_size()
-        slot_bytes = (layers * 2 * heads * self.window * hd + max(0, cfg.conv_kernel - 1) * cfg.dim) * itemsize \
-            + cfg.dim * 4
+        slot_bytes = (layers * 2 * heads * self.window * hd + self.before * cfg.dim) * itemsize + cfg.dim * 4
         self.capacity = max(1, budget_bytes // slot_bytes)
         # torch.empty: pages are only touched (resident) once a slot is used
         shape = (self.capacity, heads, self.window, hd)
         self.keys = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(layers)]
         self.values = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(layers)]
         self.out = torch.empty(self.capacity, cfg.dim, dtype=torch.float32, device=self.device)
-        # the embedded inputs of each user's last conv_kernel - 1 known events (0: none), which
-        # the input convolution mixes into the next event's
-        self.before = max(0, cfg.conv_kernel - 1)
         self.recent = torch.zeros(self.capacity, self.before, cfg.dim, dtype=self.dtype, device=self.device)
         self.count = np.zeros(self.capacity, dtype=np.int64)      # the next event's position
         self.start = np.zeros(self.capacity, dtype=np.int64)      # positions below it are padding

@@ -62,14 +62,13 @@ class RecordIntake:
             self._arrived.clear()
             await self._arrived.wait()
         deadline = time.monotonic() + within
-        while self._buffered < max_records and not (ready is not None and ready.is_set()):
+        ready = ready or asyncio.Event()   # none given: never ready, wait the whole ``within``
+        while self._buffered < max_records and not ready.is_set():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             self._arrived.clear()
-            waits = [asyncio.ensure_future(self._arrived.wait())]
-            if ready is not None:
-                waits.append(asyncio.ensure_future(ready.wait()))
+            waits = [asyncio.ensure_future(self._arrived.wait()), asyncio.ensure_future(ready.wait())]
             done, pending = await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
             for waiter in pending:
                 waiter.cancel()

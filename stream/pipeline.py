@@ -104,7 +104,6 @@ class BatchPipeline:
         await asyncio.gather(self._stage1(), self._stage2())
 
     async def _stage1(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await self._open.wait()
             chunks = await self.intake.take(self.max_batch, self.batch_wait_s, ready=self._recommender_idle)
@@ -113,15 +112,20 @@ class BatchPipeline:
             self._seq += 1
             batch = self.prepare(self._seq, chunks)
             updates, self.catalogue_updates[:] = list(self.catalogue_updates), []
-            future = loop.run_in_executor(self.executor, self.recommender.recommend_batch, batch.states,
-                                          batch.events, updates, batch.users, batch.new, batch.tails,
-                                          [key.decode() for _, key in batch.erased])
-            self._recommending += 1
-            self._recommender_idle.clear()
-            future.add_done_callback(self._recommended)
+            future = self._submit(batch.states, batch.events, updates, batch.users, batch.new, batch.tails,
+                                  [key.decode() for _, key in batch.erased])
             self._in_flight += 1
             self._idle.clear()
             await self._handoff.put((batch, future, updates))
+
+    def _submit(self, *args) -> asyncio.Future:
+        """Hand work to the recommend thread (``recommend_batch(*args)``), counted: stage 1 sends
+        a partial batch at once only while that thread has nothing, retries included."""
+        future = asyncio.get_running_loop().run_in_executor(self.executor, self.recommender.recommend_batch, *args)
+        self._recommending += 1
+        self._recommender_idle.clear()
+        future.add_done_callback(self._recommended)
+        return future
 
     def _recommended(self, _future) -> None:
         self._recommending -= 1
@@ -275,7 +279,6 @@ class BatchPipeline:
             log.exception("could not account for batch %d in the stats and metrics", batch.seq)
 
     async def _recommend(self, batch: Batch, future, updates):
-        loop = asyncio.get_running_loop()
         for attempt in range(1, RECOMMEND_ATTEMPTS + 1):
             try:
                 return await future
@@ -285,8 +288,7 @@ class BatchPipeline:
                 log.exception("recommending batch %d failed (attempt %d/%d)", batch.seq, attempt, RECOMMEND_ATTEMPTS)
                 await asyncio.sleep(RECOMMEND_RETRY_BACKOFF_S * attempt)
                 # users without what is new in them: encoded in full, which rebuilds their cache
-                future = loop.run_in_executor(self.executor, self.recommender.recommend_batch, batch.states,
-                                              [], updates, batch.users)
+                future = self._submit(batch.states, [], updates, batch.users)
 
     def _persist(self, upto_seq: int) -> None:
         offsets: dict[int, int] = {}
