@@ -4,6 +4,7 @@
 
     python benchmarks/encoder.py                       # CPU: fp32 and bf16, batch 512
     python benchmarks/encoder.py --device cuda --batch 4096
+    python benchmarks/encoder.py --convs none input   # what the input convolution costs
 
 Weights are random (speed does not depend on them); the width and depth are the recipe's.
 """
@@ -18,6 +19,10 @@ import torch
 
 from model.encoder import EncoderConfig, SequenceEncoder
 from model.incremental import EncodeRequest, IncrementalEncoder
+
+
+CONVS = {"none": {"conv_kernel": 0}, "input": {}}
+RECIPE_CONVS = "none" if EncoderConfig.conv_kernel <= 1 else "input"
 
 
 def histories(rng, users: int, length: int, n_items: int):
@@ -83,6 +88,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--items", type=int, default=50_000)
     p.add_argument("--dim", type=int, default=EncoderConfig.dim)
+    p.add_argument("--convs", nargs="+", choices=list(CONVS), default=[RECIPE_CONVS],
+                   help="with and without the recipe's input convolution, to compare its serving cost")
     p.add_argument("--lengths", type=int, nargs="+", default=[10, 50])
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -92,12 +99,14 @@ def main() -> None:
     device = torch.device(args.device)
     print(f"device {device}, batch {args.batch}, {args.items:,} items, dim {args.dim}, "
           f"torch threads {torch.get_num_threads()}")
-    print(f"{'L':>4} {'dtype':>6} {'incremental vec/s':>18} {'full vec/s':>12} {'ratio':>7}")
+    print(f"{'L':>4} {'convs':>6} {'dtype':>6} {'incremental vec/s':>18} {'full vec/s':>12} {'ratio':>7}")
     for length in args.lengths:
-        cfg = EncoderConfig(n_items=args.items, dim=args.dim, max_len=max(50, length + 1))
-        for bf16 in (False, True):
-            inc, full = bench_encoder(cfg, device, args.batch, length, bf16, args.repeat)
-            print(f"{length:>4} {'bf16' if bf16 else 'fp32':>6} {inc:>18,.0f} {full:>12,.0f} {inc / full:>6.1f}x")
+        for convs in args.convs:
+            cfg = EncoderConfig(n_items=args.items, dim=args.dim, max_len=max(50, length + 1), **CONVS[convs])
+            for bf16 in (False, True):
+                inc, full = bench_encoder(cfg, device, args.batch, length, bf16, args.repeat)
+                print(f"{length:>4} {convs:>6} {'bf16' if bf16 else 'fp32':>6} {inc:>18,.0f} {full:>12,.0f} "
+                      f"{inc / full:>6.1f}x")
     for kind, qps in bench_index(args.dim, args.items, args.batch, device, args.repeat).items():
         print(f"FAISS {kind:>5}: {qps:,.0f} queries/s (k=100, batch {args.batch})")
 

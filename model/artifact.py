@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.data import Interaction, featurize, left_pad
+from model.data import Interaction, featurize
 from model.encoder import EncoderConfig, SequenceEncoder
 
 WEIGHTS = "model.safetensors"
@@ -86,12 +86,8 @@ class ModelArtifact:
         """
         if not histories:
             return np.zeros((0, self.dim), dtype=np.float32)
-        rows = [featurize(h, self.token_index, self.config.max_len) for h in histories]
-        width = max(1, max(len(r[0]) for r in rows))
-        items = torch.from_numpy(left_pad([r[0] for r in rows], width)).to(self.device)
-        types = torch.from_numpy(left_pad([r[1] for r in rows], width)).to(self.device)
-        gaps = torch.from_numpy(left_pad([r[2] for r in rows], width)).to(self.device)
-        return self.encode_tensors(items, types, gaps).cpu().numpy()
+        *columns, _ = featurize(histories, self.token_index, self.config.max_len, width=1)
+        return self.encode_tensors(*(torch.from_numpy(c).to(self.device) for c in columns)).cpu().numpy()
 
     def encode_tensors(self, items, types, gaps, batch_size: int = 1024) -> torch.Tensor:
         """Left-padded id tensors -> float32 [B, dim] (the last position), zero if empty."""

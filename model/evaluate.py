@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.data import Log, featurize, leave_one_out, left_pad
+from model.data import Log, featurize, leave_one_out
 
 
 @dataclass
@@ -35,17 +35,16 @@ class EvalSet:
 def build_eval_set(log: Log, token_index: dict[str, int], max_len: int, split: str) -> EvalSet:
     """`token_index`: item id -> encoder id (1..n_items), as ModelArtifact.token_index."""
     rows = leave_one_out(log, split)
-    feats = [featurize(hist, token_index, max_len) for _, hist, _ in rows]
-    width = max(1, max((len(f[0]) for f in feats), default=1))
+    items, types, gaps, _ = featurize([hist for _, hist, _ in rows], token_index, max_len, width=1)
     seen_rows, seen_cols = [], []
     for r, (_, hist, _) in enumerate(rows):
         seen = {token_index[i] for i, _, _ in hist if i in token_index}
         seen_rows.extend([r] * len(seen))
         seen_cols.extend(seen)
     return EvalSet(
-        items=torch.from_numpy(left_pad([f[0] for f in feats], width)),
-        types=torch.from_numpy(left_pad([f[1] for f in feats], width)),
-        gaps=torch.from_numpy(left_pad([f[2] for f in feats], width)),
+        items=torch.from_numpy(items),
+        types=torch.from_numpy(types),
+        gaps=torch.from_numpy(gaps),
         targets=torch.tensor([token_index.get(t[0], 0) for _, _, t in rows], dtype=torch.long),
         seen_rows=torch.tensor(seen_rows, dtype=torch.long),
         seen_cols=torch.tensor(seen_cols, dtype=torch.long),

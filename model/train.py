@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from model.artifact import ModelArtifact, bf16_is_fast, default_device
-from model.data import Log, attributes_beside, featurize, leave_one_out, left_pad, load_attributes, load_log
+from model.data import Log, attributes_beside, featurize, leave_one_out, load_attributes, load_log
 from model.encoder import EncoderConfig, SequenceEncoder
 from model.evaluate import build_eval_set, evaluate
 
@@ -67,12 +67,11 @@ def build_vocab(log: Log) -> list[str]:
 
 def training_tensors(log: Log, token_index: dict[str, int], max_len: int):
     """Left-padded (inputs, types, gaps, next-item targets) of every training sequence."""
-    xs, ts, gs, ys = [], [], [], []
-    for _, hist, _ in leave_one_out(log, "train"):
-        items, types, gaps = featurize(hist, token_index, max_len + 1)
-        xs.append(items[:-1]); ts.append(types[:-1]); gs.append(gaps[:-1]); ys.append(items[1:])
-    lengths = np.array([len(x) for x in xs])
-    return [torch.from_numpy(left_pad(a, max_len)) for a in (xs, ts, gs, ys)] + [lengths]
+    histories = [hist for _, hist, _ in leave_one_out(log, "train")]
+    items, types, gaps, lengths = featurize(histories, token_index, max_len + 1, width=max_len + 1)
+    inputs = [a[:, :-1] for a in (items, types, gaps)]
+    targets = np.where(inputs[0] > 0, items[:, 1:], 0)   # a single known event has no next one
+    return [torch.from_numpy(np.ascontiguousarray(a)) for a in (*inputs, targets)] + [np.maximum(lengths - 1, 0)]
 
 
 def length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:

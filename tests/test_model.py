@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model.artifact import ModelArtifact
-from model.data import EVENT_TYPES, leave_one_out, load_log
+from model.data import EVENT_TYPES, TYPE_ID, featurize, gap_bucket, leave_one_out, load_log
 from model.encoder import EncoderConfig, SequenceEncoder
 from model.evaluate import evaluate, evaluate_popularity
 from model.train import TrainConfig, train
@@ -103,6 +103,40 @@ def test_leave_one_out():
     assert len(hist) == 3 and target[0] == "3"
     _, hist, target = leave_one_out(log, "test")[0]
     assert len(hist) == 4 and target[0] == "4"
+
+
+def test_featurize_matches_a_per_event_reading():
+    """The batch featurizer against the rule read one event at a time: unknown items skipped
+    (their times still count), gaps from the last timed event, the last max_len known ones."""
+    rng = random.Random(0)
+    index = {f"i{n}": n for n in range(1, 30)}
+    histories, ts = [], 1000.0
+    for _ in range(40):
+        history = []
+        for _ in range(rng.randint(0, 14)):
+            ts += rng.choice([0.2, 3.0, 700.0, 1e6, -50.0])   # out of order too: a gap of 0
+            history.append((rng.choice(["never-seen", *index]), rng.choice([None, "odd", *EVENT_TYPES]),
+                            None if rng.random() < 0.2 else ts))
+        histories.append(history)
+
+    def one(history, max_len):
+        items, types, gaps, prev = [], [], [], None
+        for item, etype, t in history:
+            gap = 0 if t is None or prev is None else gap_bucket(max(0.0, t - prev))
+            prev = prev if t is None else t
+            if item in index:
+                items.append(index[item]), types.append(TYPE_ID.get(etype, 0)), gaps.append(gap)
+        return items[-max_len:], types[-max_len:], gaps[-max_len:]
+
+    items, types, gaps, lengths = featurize(histories, index, max_len=6, width=2)
+    assert items.shape == (40, 6) and items.dtype == np.int64
+    for r, history in enumerate(histories):
+        expected = one(history, 6)
+        assert lengths[r] == len(expected[0])
+        for got, want in zip((items[r], types[r], gaps[r]), expected):
+            assert list(got[6 - len(want):]) == want and not got[:6 - len(want)].any()
+    assert featurize([], index, 6)[0].shape == (0, 0)
+    assert featurize([[]], index, 6, width=1)[0].tolist() == [[0]]
 
 
 # ----------------------------------------------------------------------------- encoder
