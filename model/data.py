@@ -189,6 +189,12 @@ def gap_bucket(gap: float) -> int:
     return min(N_GAP_BUCKETS - 1, 2 + int(math.log2(gap)))
 
 
+def gap_buckets(gaps: np.ndarray) -> np.ndarray:
+    """``gap_bucket`` over an array of gaps (>= 0 seconds), for batches."""
+    with np.errstate(divide="ignore"):
+        return np.where(gaps < 1.0, 1, np.minimum(N_GAP_BUCKETS - 1, 2 + np.floor(np.log2(gaps)))).astype(np.int64)
+
+
 def featurize(histories: list[list[Interaction]], token_index: dict[str, int], max_len: int,
               width: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Item, type and gap ids of each history's last `max_len` known events (unknown items
@@ -200,7 +206,10 @@ def featurize(histories: list[list[Interaction]], token_index: dict[str, int], m
     loop per event cost ~100 us per user there."""
     counts = np.fromiter(map(len, histories), dtype=np.int64, count=len(histories))
     n = int(counts.sum())
-    names, kinds, times = zip(*chain.from_iterable(histories)) if n else ((), (), ())
+    if not n:
+        empty = np.zeros((len(histories), width), dtype=np.int64)
+        return empty, empty.copy(), empty.copy(), np.zeros(len(histories), dtype=np.int64)
+    names, kinds, times = zip(*chain.from_iterable(histories))
     items = np.fromiter(map(token_index.get, names, repeat(0)), dtype=np.int64, count=n)
     types = np.fromiter(map(TYPE_ID.get, kinds, repeat(0)), dtype=np.int64, count=n)
     if None in times:
@@ -209,13 +218,11 @@ def featurize(histories: list[list[Interaction]], token_index: dict[str, int], m
     # gap to the last earlier event of the same user that has a time
     user_start = np.repeat(np.cumsum(counts) - counts, counts)
     timed = ~np.isnan(ts)
-    last_timed = np.maximum.accumulate(np.where(timed, np.arange(n), -1)) if n else np.zeros(0, np.int64)
-    prev = np.concatenate([[-1], last_timed[:-1]]) if n else last_timed
+    last_timed = np.maximum.accumulate(np.where(timed, np.arange(n), -1))
+    prev = np.concatenate([[-1], last_timed[:-1]])
     has_prev = timed & (prev >= user_start)
-    gap = np.maximum(0.0, ts - ts[np.where(has_prev, prev, 0)]) if n else ts
-    with np.errstate(divide="ignore", invalid="ignore"):
-        buckets = np.where(gap < 1.0, 1, np.minimum(N_GAP_BUCKETS - 1, 2 + np.floor(np.log2(gap))))
-    gaps = np.where(has_prev, buckets, 0).astype(np.int64)
+    gap = np.where(has_prev, ts - ts[np.where(has_prev, prev, 0)], 0.0)
+    gaps = np.where(has_prev, gap_buckets(np.maximum(0.0, gap)), 0)
     # the last max_len known events of each user, right-aligned
     known = items > 0
     user = np.repeat(np.arange(len(histories)), counts)[known]

@@ -205,14 +205,18 @@ class SequenceEncoder(nn.Module):
             x = x + self.gap_emb(gaps)
         return x
 
-    def mix_recent(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def mix_recent(self, x: torch.Tensor, keep: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """x [B, L, D] embedded inputs plus the causal convolution of the known ones (``keep``
-        [B, L, 1]; None: all): position t sees positions t - conv_kernel + 1 .. t, padding as 0."""
+        [B, L, 1]; None: all): position t sees positions t - conv_kernel + 1 .. t, padding as 0.
+        ``last_only``: the newest position alone, [B, 1, D] (serving steps one event at a time)."""
         if self.cfg.conv_kernel <= 1:
-            return x
+            return x[:, -1:] if last_only else x
         known = x if keep is None else x * keep
         weight = self.conv[:, 0].to(known.dtype)                # [D, K]; column K-1-j: j events back
         last = weight.shape[1] - 1
+        if last_only:   # one product over the newest rows, their columns in the same order
+            rows = known[:, -(last + 1):]
+            return x[:, -1:] + (rows * weight[:, weight.shape[1] - rows.shape[1]:].T).sum(1, keepdim=True)
         # shifted multiply-adds into one output: no layout change for a conv1d, no padded copies
         # (4x faster than out-of-place shifted products on a [256, 50, 256] batch, 1 thread)
         out = torch.addcmul(x, known, weight[:, last])

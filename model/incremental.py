@@ -214,7 +214,7 @@ class IncrementalEncoder:
         if self.before:
             window = torch.cat([self.recent[index].to(x.dtype), x], 1)              # [B, K, D]
             self.recent[index] = window[:, 1:].to(self.dtype)
-            x = enc.mix_recent(window)[:, -1:]
+            x = enc.mix_recent(window, last_only=True)
         x = enc.ln_in(x)
         for layer, block in enumerate(enc.blocks):
             q, k, v = (t.float() for t in block.attn.heads(x))                      # [B, H, 1, hd]
@@ -257,8 +257,8 @@ class IncrementalEncoder:
             self.stats.misses += 1
         if not len(known):
             return
-        width = int(lengths[known].max())
-        tensors = [torch.from_numpy(c[known]).to(self.device) for c in columns]   # already `width` wide
+        tensors = [torch.from_numpy(c[known]).to(self.device) for c in columns]
+        width = tensors[0].shape[1]   # the longest known window
         kvs: list = []
         h = self.encoder(*tensors, kv_out=kvs, last_only=True)[:, -1].float()       # [B, D]
         # the padded window goes into ring slots 0..width-1 as positions 0..width-1, the left
