@@ -159,6 +159,12 @@ class Reranker:
         return [part[part >= 0] for part in parts]
 
     # ---------------------------------------------------------------- caches
+    def prepare(self) -> None:
+        """Build the lazily kept arrays now: threads that then rerank at once only read them."""
+        self._refresh_catalogue_arrays()
+        self._for_products("unit")
+        self._for_products("vectors")
+
     def _refresh_catalogue_arrays(self) -> None:
         """Per-row availability, boost and capped-attribute arrays, rebuilt when they change."""
         key = (self.catalogue.version, len(self._items))

@@ -23,8 +23,9 @@ keys, a little of the events older than the window that a full recompute cannot 
 
 from __future__ import annotations
 
+import zlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -128,8 +129,7 @@ class IncrementalEncoder:
                 self._step(requests, steps, out)
             if full:
                 self._encode_full([requests[n] for n in full], full, out)
-        self.stats.users = len(self.slot_of)
-        self.stats.bytes = self.stats.users * self.stats.slot_bytes
+        self._count_users()
         return out
 
     def clear(self) -> None:
@@ -137,11 +137,17 @@ class IncrementalEncoder:
         self.slot_of.clear()
         self.free = list(range(self.capacity - 1, -1, -1))
         self.tail = [None] * self.capacity
+        self._count_users()
 
     def forget(self, user: str) -> None:
         slot = self.slot_of.pop(user, None)
         if slot is not None:
             self.free.append(slot)
+            self._count_users()
+
+    def _count_users(self) -> None:
+        self.stats.users = len(self.slot_of)
+        self.stats.bytes = self.stats.users * self.stats.slot_bytes
 
     # ------------------------------------------------------------------ incremental
     def _new_known(self, req: EncodeRequest):
@@ -306,12 +312,62 @@ class IncrementalEncoder:
         return slot
 
 
-def for_serving(encoder: SequenceEncoder, token_index: dict[str, int], budget_bytes: int = DEFAULT_BUDGET_BYTES):
+class EncoderLanes:
+    """Users spread over independent IncrementalEncoders by a stable hash of their id.
+
+    One lane per recommend thread: threads that encode disjoint users share no cache entry, so
+    they run at once without locks (torch releases the GIL inside its operators). A user always
+    hashes to the same lane, where its keys and values are. Each lane holds an equal share of
+    the byte budget.
+    """
+
+    def __init__(self, lanes: list[IncrementalEncoder]):
+        if not lanes:
+            raise ValueError("EncoderLanes needs at least one IncrementalEncoder")
+        self.lanes = lanes
+
+    def __len__(self) -> int:
+        return len(self.lanes)
+
+    def lane_of(self, users: list[str]) -> np.ndarray:
+        """Each user's lane (crc32 of the id: the same in every process and run)."""
+        n = len(self.lanes)
+        if n == 1:
+            return np.zeros(len(users), dtype=np.int64)
+        return np.fromiter((zlib.crc32(u.encode()) % n for u in users), dtype=np.int64, count=len(users))
+
+    def encode(self, requests: list[EncodeRequest], lane: int = 0) -> np.ndarray:
+        """IncrementalEncoder.encode on ``lane``; every request's user must hash to it."""
+        return self.lanes[lane].encode(requests)
+
+    def forget(self, user: str) -> None:
+        self.lanes[int(self.lane_of([user])[0])].forget(user)
+
+    def clear(self) -> None:
+        for lane in self.lanes:
+            lane.clear()
+
+    @property
+    def stats(self) -> CacheStats:
+        """The lanes' counters summed (bytes per user: one lane's, all are alike)."""
+        total = CacheStats(slot_bytes=self.lanes[0].stats.slot_bytes)
+        for lane in self.lanes:
+            for f in fields(CacheStats):
+                if f.name != "slot_bytes":
+                    setattr(total, f.name, getattr(total, f.name) + getattr(lane.stats, f.name))
+        return total
+
+
+def for_serving(encoder: SequenceEncoder, token_index: dict[str, int], budget_bytes: int = DEFAULT_BUDGET_BYTES,
+                lanes: int = 1) -> EncoderLanes:
     """The serving configuration: a bf16 cache (half the bytes to gather), and the linear
-    layers in bf16 where the hardware runs bfloat16 fast (CUDA, AVX512-BF16)."""
+    layers in bf16 where the hardware runs bfloat16 fast (CUDA, AVX512-BF16); ``lanes``
+    caches of budget_bytes / lanes each."""
     from model.artifact import bf16_is_fast
 
+    if lanes < 1:
+        raise ValueError(f"lanes must be at least 1, got {lanes}")
     device = next(encoder.parameters()).device
-    return IncrementalEncoder(encoder, token_index, budget_bytes=budget_bytes, device=device,
-                              dtype=torch.bfloat16, bf16=bf16_is_fast(device))
-
+    return EncoderLanes([IncrementalEncoder(encoder, token_index, budget_bytes=budget_bytes // lanes, device=device,
+                                            dtype=torch.bfloat16, bf16=bf16_is_fast(device))
+                         for _ in range(lanes)])

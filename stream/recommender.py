@@ -1,9 +1,11 @@
 """One micro-batch of users -> ranked lists: encode (model/), search (index/), rerank (index/).
 
 This is the batched, CPU/GPU-heavy part of the worker; it runs off the event loop in a
-worker thread (torch and faiss release the GIL). A new model directory is loaded in the
-background and swapped in between batches (hot-swap), so each list names the model version
-that produced it.
+worker thread (torch and faiss release the GIL). With ``lanes`` > 1 a batch's users are split
+by a hash of their id and each part is encoded, searched and reranked on its own thread, with
+its own share of the encoder cache: the cores work on one batch at once. A new model directory
+is loaded in the background and swapped in between batches (hot-swap), so each list names the
+model version that produced it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from index.rerank import Reranker, RerankConfig, UserContext
 from index.trending import Trending, event_weights
 from model.artifact import METADATA, ModelArtifact
 from model.data import load_log
-from model.incremental import DEFAULT_BUDGET_BYTES, EncodeRequest, IncrementalEncoder, for_serving
+from model.incremental import DEFAULT_BUDGET_BYTES, EncodeRequest, EncoderLanes, for_serving
 from stream.state import UserState
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,16 @@ CANDIDATES_PER_K = 10       # FAISS candidates fetched per list slot, before fil
 MIN_CANDIDATES = 100
 TUNING_USERS = 512          # user vectors the ANN index's nprobe is tuned on
 REFIT_GROWTH = 1.2          # refit the attribute embedder when the catalogue grew by 20%
+STAGES = ("encode", "search", "rerank")
+
+
+def match_faiss_threads() -> None:
+    """A new thread's OpenMP team size is the machine's, not what the main thread set: give
+    faiss the torch thread count (an executor's initializer)."""
+    import faiss
+    import torch
+
+    faiss.omp_set_num_threads(torch.get_num_threads())
 
 
 @dataclass
@@ -43,7 +56,7 @@ class BatchResult:
     lists: list[list[dict]]
     versions: list[str]             # the model version that made each list
     variants: list[str | None]      # each user's A/B variant (None without variants)
-    timings: dict[str, float]       # stage seconds: encode, search, rerank
+    timings: dict[str, float]       # stage seconds (thread seconds, summed over lanes): encode, search, rerank
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -105,7 +118,7 @@ class ServingModel:
     index: ItemIndex
     reranker: Reranker
     path: Path
-    incremental: IncrementalEncoder | None = None   # rotary models: one position per new event
+    incremental: EncoderLanes | None = None   # rotary models: one position per new event
     added: set[str] = field(default_factory=set)
     embedder: AttributeEmbedder | None = None
     embedder_fitted_on: int = -1   # catalogue size the embedder was fitted on
@@ -116,7 +129,7 @@ class ServingModel:
 
     @classmethod
     def load(cls, path: str | Path, catalogue: Catalogue, config: RerankConfig,
-             cache_bytes: int = DEFAULT_BUDGET_BYTES) -> "ServingModel":
+             cache_bytes: int = DEFAULT_BUDGET_BYTES, lanes: int = 1) -> "ServingModel":
         started = time.perf_counter()
         model_dir = resolve_model_dir(path)
         artifact = ModelArtifact.load(model_dir)
@@ -126,19 +139,29 @@ class ServingModel:
         reranker = Reranker(config, catalogue, vectors, artifact.items)
         incremental = None
         if artifact.config.positions == "rope" and cache_bytes > 0:
-            incremental = for_serving(artifact.encoder, artifact.token_index, cache_bytes)
+            incremental = for_serving(artifact.encoder, artifact.token_index, cache_bytes, lanes)
         log.info("loaded model %s from %s (%d items, %s encoding) in %.2fs", artifact.version, model_dir,
                  len(artifact.items), "incremental" if incremental else "full", time.perf_counter() - started)
         return cls(artifact, index, reranker, model_dir, incremental)
 
-    def encode(self, states: list[UserState], users=None, new=None, tails=None) -> np.ndarray:
+    def split(self, count: int, users, new, lanes: int) -> list[tuple[int, list[int]]]:
+        """The batch's ``count`` rows per lane, as (lane, rows): by the cache's hash of the user
+        where the cache is used (a user's entry lives in one lane), else in contiguous parts."""
+        if self.incremental is not None and users is not None and new is not None:
+            lane = self.incremental.lane_of(users)
+            return [(n, rows) for n in range(len(self.incremental))
+                    if (rows := np.flatnonzero(lane == n).tolist())]
+        bounds = np.linspace(0, count, lanes + 1).astype(int)
+        return [(0, list(range(a, b))) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+    def encode(self, states: list[UserState], users=None, new=None, tails=None, lane: int = 0) -> np.ndarray:
         """User vectors: incremental where the model and the cache allow, else in full (also
         without ``new``: what each state gained is unknown)."""
         if self.incremental is None or users is None or new is None:
             return self.artifact.encode([s.history() for s in states])
         return self.incremental.encode([
             EncodeRequest(user, state.history(), n, tail, state.last_event_id)
-            for user, state, n, tail in zip(users, states, new, tails)])
+            for user, state, n, tail in zip(users, states, new, tails)], lane)
 
     def add_unseen_items(self, catalogue: Catalogue) -> int:
         """Make catalogue items with attributes but no trained vector recommendable."""
@@ -166,13 +189,19 @@ class Recommender:
 
     def __init__(self, model_path: str | Path, config: RerankConfig | None = None,
                  catalogue: Catalogue | None = None, trending: Trending | None = None,
-                 cache_bytes: int = DEFAULT_BUDGET_BYTES):
+                 cache_bytes: int = DEFAULT_BUDGET_BYTES, lanes: int = 1):
+        if lanes < 1:
+            raise ValueError(f"lanes must be at least 1, got {lanes}")
         self.model_path = Path(model_path)
         self.config = config or RerankConfig()
         self.catalogue = catalogue or Catalogue()
         self.trending = trending or Trending()
         self.cache_bytes = cache_bytes
-        self.model = ServingModel.load(self.model_path, self.catalogue, self.config, cache_bytes)
+        self.lanes = lanes
+        self.model = ServingModel.load(self.model_path, self.catalogue, self.config, cache_bytes, lanes)
+        # the calling thread works one lane, these the others
+        self._helpers = ThreadPoolExecutor(lanes - 1, thread_name_prefix="lane",
+                                           initializer=match_faiss_threads) if lanes > 1 else None
         self._pending: ServingModel | None = None
         self.timings: dict[str, float] = {}
         self._retired_lookups = (0, 0)   # cache hits and misses of the models swapped out
@@ -189,7 +218,7 @@ class Recommender:
         if version == self.model.version or (self._pending and version == self._pending.version):
             return self._pending is not None
         try:
-            self._pending = ServingModel.load(model_dir, self.catalogue, self.config, self.cache_bytes)
+            self._pending = ServingModel.load(model_dir, self.catalogue, self.config, self.cache_bytes, self.lanes)
         except Exception:  # a half-written directory: try again at the next poll
             log.exception("could not load model at %s; keeping %s", model_dir, self.model.version)
             return False
@@ -267,28 +296,53 @@ class Recommender:
     def recommend(self, states: list[UserState], users=None, new=None, tails=None) -> tuple[list[list[dict]], str]:
         """Lists for each state, and the version of the model that made them."""
         model = self.model  # one version for the whole batch, even if a swap is pending
-        k = self.config.k
-        t0 = time.perf_counter()
-        vectors = model.encode(states, users, new, tails)
-        t1 = time.perf_counter()
-        warm = np.flatnonzero(np.abs(vectors).sum(axis=1) > 0)
+        parts = model.split(len(states), users, new, self.lanes)
         lists: list[list[dict]] = [[] for _ in states]
-        if len(warm):
-            n_cand = min(len(model.index), max(MIN_CANDIDATES, CANDIDATES_PER_K * k))
-            scores, rows = model.index.search(vectors[warm], n_cand)
-            t2 = time.perf_counter()
-            contexts = [UserContext(history=states[i].items, purchased=frozenset(states[i].purchased))
-                        for i in warm]
-            for i, ranked in zip(warm, model.reranker.rerank(contexts, rows, scores)):
-                lists[i] = ranked
+        self.timings = timings = dict.fromkeys(STAGES, 0.0)
+        args = (model, states, users, new, tails)
+        if len(parts) > 1 and self._helpers is not None:
+            model.reranker.prepare()   # shared arrays built here, only read by the lanes
+            helpers = [self._helpers.submit(self._recommend_lane, *args, *part) for part in parts[1:]]
+            try:
+                done = [self._recommend_lane(*args, *parts[0])]
+            finally:   # never leave a lane running into the next batch (or a cache clear)
+                wait(helpers)
+            done += [f.result() for f in helpers]
         else:
-            t2 = t1
+            done = [self._recommend_lane(*args, *part) for part in parts]
+        for rows, ranked, spent in done:
+            for i, got in zip(rows, ranked):
+                lists[i] = got
+            for stage in STAGES:
+                timings[stage] += spent[stage]
+        started = time.perf_counter()
         for i, state in enumerate(states):
             if not lists[i]:  # cold start: no usable history, or filters left nothing
                 lists[i] = self.cold_start(state)
-        t3 = time.perf_counter()
-        self.timings = {"encode": t1 - t0, "search": t2 - t1, "rerank": t3 - t2}
+        timings["rerank"] += time.perf_counter() - started
         return lists, model.version
+
+    @staticmethod
+    def _recommend_lane(model: ServingModel, states, users, new, tails, lane: int, rows: list[int]):
+        """Encode, search and rerank the batch's ``rows`` (one lane's users): (rows, lists, seconds)."""
+        k = model.reranker.config.k
+        t0 = time.perf_counter()
+        pick = (lambda values: None if values is None else [values[i] for i in rows])
+        mine = [states[i] for i in rows]
+        vectors = model.encode(mine, pick(users), pick(new), pick(tails), lane)
+        t1 = time.perf_counter()
+        warm = np.flatnonzero(np.abs(vectors).sum(axis=1) > 0)
+        lists: list[list[dict]] = [[] for _ in rows]
+        t2 = t1
+        if len(warm):
+            n_cand = min(len(model.index), max(MIN_CANDIDATES, CANDIDATES_PER_K * k))
+            scores, found = model.index.search(vectors[warm], n_cand)
+            t2 = time.perf_counter()
+            contexts = [UserContext(history=mine[i].items, purchased=frozenset(mine[i].purchased)) for i in warm]
+            for i, ranked in zip(warm, model.reranker.rerank(contexts, found, scores)):
+                lists[i] = ranked
+        t3 = time.perf_counter()
+        return rows, lists, {"encode": t1 - t0, "search": t2 - t1, "rerank": t3 - t2}
 
     def cold_start(self, state: UserState) -> list[dict]:
         exclude = set(state.items) | set(state.purchased)

@@ -68,7 +68,7 @@ class VariantRecommender:
     """Recommender's batch interface over one Recommender per variant (shared catalogue, trending)."""
 
     def __init__(self, variants: list[Variant], config=None, experiment: str = DEFAULT_EXPERIMENT,
-                 cache_bytes: int | None = None):
+                 cache_bytes: int | None = None, lanes: int = 1):
         if not variants:
             raise ValueError("no variants")
         names = [v.name for v in variants]
@@ -76,7 +76,8 @@ class VariantRecommender:
             raise ValueError(f"variant names must differ, got {names}")
         self.variants = variants
         self.experiment = experiment
-        kwargs = {} if cache_bytes is None else {"cache_bytes": cache_bytes // len(variants)}
+        kwargs = {"lanes": lanes} if cache_bytes is None else {"cache_bytes": cache_bytes // len(variants),
+                                                               "lanes": lanes}
         first = Recommender(variants[0].model, config, **kwargs)
         self.recommenders = [first] + [Recommender(v.model, config, catalogue=first.catalogue,
                                                    trending=first.trending, **kwargs) for v in variants[1:]]

@@ -194,6 +194,9 @@ def worker(broker: str = typer.Option(..., help="Kafka bootstrap HOST:PORT."),
                0.1, help="Seconds between offset commits (exactly_once: between transaction commits)."),
            cache_mb: int = typer.Option(1024, help="Encoder key/value cache for active users, MiB (~100 KiB per "
                                                    "user at 256 wide; 0: recompute every user in full)."),
+           lanes: Optional[int] = typer.Option(
+               None, help="Recommend threads, each on its own users and share of the cache (default: 2, or 1 "
+                          "on one core)."),
            variant: Optional[list[str]] = typer.Option(
                None, help="A/B: NAME=MODEL_DIR[:WEIGHT], once per variant; each user always gets the same one."),
            experiment: str = typer.Option("streamrec", help="A/B: name of the experiment (part of the user's hash)."),
@@ -219,12 +222,16 @@ def worker(broker: str = typer.Option(..., help="Kafka bootstrap HOST:PORT."),
         _fail(str(exc))
     if (model is None) == (not variants):
         _fail("give --model, or --variant (once per variant), not both")
-    settings = WorkerSettings(broker=broker, model=model, group=group, partitions=partitions,
-                              max_batch=max_batch, batch_wait_s=batch_wait, store=store,
-                              data_dir=data_dir, metrics_port=metrics_port, metrics_host=metrics_host,
-                              reload_interval_s=reload_interval, rerank=RerankConfig(k=k),
-                              guarantee=guarantee, commit_interval_s=commit_interval, cache_mb=cache_mb,
-                              state_ttl_s=state_ttl, variants=variants, experiment=experiment)
+    try:
+        settings = WorkerSettings(broker=broker, model=model, group=group, partitions=partitions,
+                                  max_batch=max_batch, batch_wait_s=batch_wait, store=store,
+                                  data_dir=data_dir, metrics_port=metrics_port, metrics_host=metrics_host,
+                                  reload_interval_s=reload_interval, rerank=RerankConfig(k=k),
+                                  guarantee=guarantee, commit_interval_s=commit_interval, cache_mb=cache_mb,
+                                  state_ttl_s=state_ttl, variants=variants, experiment=experiment,
+                                  **({} if lanes is None else {"lanes": lanes}))
+    except ValueError as exc:   # --lanes below 1
+        _fail(str(exc))
     sys.argv = sys.argv[:1]  # Faust's Worker parses argv itself
     try:
         run_worker(settings, loglevel=loglevel)

@@ -72,6 +72,8 @@ def test_worker_explains_a_missing_model_and_an_unreachable_broker(tmp_path, tin
     assert result.exit_code == 2 and "no model directory" in result.output
     result = runner.invoke(app, ["worker", "--broker", "127.0.0.1:1", "--model", str(tiny_model)])
     assert result.exit_code == 2 and "cannot reach a Kafka broker at 127.0.0.1:1" in result.output
+    result = runner.invoke(app, ["worker", "--broker", "127.0.0.1:1", "--model", str(tiny_model), "--lanes", "0"])
+    assert result.exit_code == 2 and "lanes must be at least 1, got 0" in result.output
 
 
 @pytest.mark.integration

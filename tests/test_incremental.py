@@ -136,24 +136,28 @@ def test_bf16_serving_stays_close_to_fp32():
     assert cos > 0.99, cos
 
 
-def test_recommender_lists_from_the_cache_equal_full_recomputation(tiny_model, tiny_shop):
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_recommender_lists_from_the_cache_equal_full_recomputation(tiny_model, tiny_shop, lanes):
     """Event by event, the lists made with the incremental encoder (float32) are the lists a
-    full recompute of each user's stored history gives."""
-    from model.incremental import IncrementalEncoder
+    full recompute of each user's stored history gives; with two lanes too (each user's
+    entry in its own lane, the lanes on two threads)."""
+    from model.incremental import EncoderLanes, IncrementalEncoder
     from stream.events import ShopEvent
     from stream.recommender import Recommender
     from stream.state import UserState
 
-    cached = Recommender(tiny_model)
+    cached = Recommender(tiny_model, lanes=lanes)
     enc = cached.model.artifact.encoder
-    cached.model.incremental = IncrementalEncoder(enc, cached.model.artifact.token_index, budget_bytes=1 << 24)
+    cached.model.incremental = EncoderLanes([IncrementalEncoder(enc, cached.model.artifact.token_index,
+                                                                budget_bytes=1 << 24) for _ in range(lanes)])
     full = Recommender(tiny_model, cache_bytes=0)
     assert full.model.incremental is None
-    events = [e for e in tiny_shop[0] if e["user_id"] in {"user-00003", "user-00010", "user-00042"}]
+    chosen = {f"user-{n:05d}" for n in (3, 10, 42, 7, 19, 25)}
+    events = [e for e in tiny_shop[0] if e["user_id"] in chosen]
     states: dict[str, UserState] = {}
     compared = 0
-    for start in range(0, len(events), 4):   # batches of 4 events
-        batch = events[start:start + 4]
+    for start in range(0, len(events), 6):   # batches of 6 events
+        batch = events[start:start + 6]
         users, new, tails = [], [], []
         for e in batch:
             state = states.setdefault(e["user_id"], UserState())
@@ -166,7 +170,32 @@ def test_recommender_lists_from_the_cache_equal_full_recomputation(tiny_model, t
         want, _ = full.recommend(batch_states)
         assert [[i["item_id"] for i in lst] for lst in got] == [[i["item_id"] for i in lst] for lst in want]
         compared += len(users)
-    assert compared > 20 and cached.model.incremental.stats.hits > 0
+    assert compared > 40
+    assert all(lane.stats.hits > 0 for lane in cached.model.incremental.lanes)
+    for user in chosen:   # each user's entry is in its lane only
+        lane = int(cached.model.incremental.lane_of([user])[0])
+        assert [user in inc.slot_of for inc in cached.model.incremental.lanes] == [n == lane for n in range(lanes)]
+    assert cached.cache_counters()["cache_users"] == len(chosen)
+
+
+def test_lanes_route_each_user_to_one_cache_and_sum_their_counters():
+    from model.incremental import EncoderLanes
+
+    enc, index = make_encoder()
+    rng = np.random.default_rng(3)
+    lanes = EncoderLanes([IncrementalEncoder(enc, index, budget_bytes=1 << 22) for _ in range(3)])
+    users = [f"u{n}" for n in range(30)]
+    where = lanes.lane_of(users)
+    assert set(where.tolist()) == {0, 1, 2} and (lanes.lane_of(users) == where).all()   # stable
+    for lane in range(3):
+        mine = [u for u, w in zip(users, where) if w == lane]
+        lanes.encode([EncodeRequest(u, history(rng, 4), new=4, tail_after="t") for u in mine], lane)
+    assert lanes.stats.misses == lanes.stats.users == 30
+    assert lanes.stats.bytes == 30 * lanes.stats.slot_bytes
+    lanes.forget("u7")
+    assert "u7" not in lanes.lanes[int(where[7])].slot_of and lanes.stats.users == 29
+    lanes.clear()
+    assert all(not lane.slot_of for lane in lanes.lanes) and lanes.stats.users == lanes.stats.bytes == 0
 
 
 def test_a_batch_larger_than_the_budget_still_encodes_everyone():
