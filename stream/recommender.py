@@ -38,6 +38,9 @@ MIN_CANDIDATES = 100
 TUNING_USERS = 512          # user vectors the ANN index's nprobe is tuned on
 REFIT_GROWTH = 1.2          # refit the attribute embedder when the catalogue grew by 20%
 STAGES = ("encode", "search", "rerank")
+# Smaller batches run the lanes one after another on the calling thread and search and rerank
+# once: each lane's search and rerank has a fixed cost that only a large part repays.
+PARALLEL_MIN_USERS = 64
 
 
 def match_faiss_threads() -> None:
@@ -300,7 +303,7 @@ class Recommender:
         lists: list[list[dict]] = [[] for _ in states]
         self.timings = timings = dict.fromkeys(STAGES, 0.0)
         args = (model, states, users, new, tails)
-        if len(parts) > 1 and self._helpers is not None:
+        if len(parts) > 1 and self._helpers is not None and len(states) >= PARALLEL_MIN_USERS:
             model.reranker.prepare()   # shared arrays built here, only read by the lanes
             helpers = [self._helpers.submit(self._recommend_lane, *args, *part) for part in parts[1:]]
             try:
@@ -308,13 +311,17 @@ class Recommender:
             finally:   # never leave a lane running into the next batch (or a cache clear)
                 wait(helpers)
             done += [f.result() for f in helpers]
-        else:
-            done = [self._recommend_lane(*args, *part) for part in parts]
+        else:   # each lane's users encoded by its cache, then one search and rerank for all
+            vectors = np.zeros((len(states), model.artifact.dim), dtype=np.float32)
+            for lane, rows in parts:
+                vectors[rows] = self._encode_rows(*args, lane, rows, timings)
+            everyone = list(range(len(states)))
+            done = [(everyone, self._rank_rows(model, states, everyone, vectors, timings), {})]
         for rows, ranked, spent in done:
             for i, got in zip(rows, ranked):
                 lists[i] = got
-            for stage in STAGES:
-                timings[stage] += spent[stage]
+            for stage, seconds in spent.items():
+                timings[stage] += seconds
         started = time.perf_counter()
         for i, state in enumerate(states):
             if not lists[i]:  # cold start: no usable history, or filters left nothing
@@ -322,27 +329,41 @@ class Recommender:
         timings["rerank"] += time.perf_counter() - started
         return lists, model.version
 
-    @staticmethod
-    def _recommend_lane(model: ServingModel, states, users, new, tails, lane: int, rows: list[int]):
+    @classmethod
+    def _recommend_lane(cls, model: ServingModel, states, users, new, tails, lane: int, rows: list[int]):
         """Encode, search and rerank the batch's ``rows`` (one lane's users): (rows, lists, seconds)."""
-        k = model.reranker.config.k
-        t0 = time.perf_counter()
+        spent = dict.fromkeys(STAGES, 0.0)
+        vectors = cls._encode_rows(model, states, users, new, tails, lane, rows, spent)
+        return rows, cls._rank_rows(model, [states[i] for i in rows], range(len(rows)), vectors, spent), spent
+
+    @staticmethod
+    def _encode_rows(model: ServingModel, states, users, new, tails, lane: int, rows: list[int], spent: dict):
+        """User vectors of the batch's ``rows`` (one lane's users), in their order."""
+        started = time.perf_counter()
         pick = (lambda values: None if values is None else [values[i] for i in rows])
-        mine = [states[i] for i in rows]
-        vectors = model.encode(mine, pick(users), pick(new), pick(tails), lane)
-        t1 = time.perf_counter()
+        vectors = model.encode([states[i] for i in rows], pick(users), pick(new), pick(tails), lane)
+        spent["encode"] += time.perf_counter() - started
+        return vectors
+
+    @staticmethod
+    def _rank_rows(model: ServingModel, states, rows, vectors: np.ndarray, spent: dict) -> list[list[dict]]:
+        """Search and rerank for ``states[rows]`` with ``vectors`` (one per row); [] where a
+        vector is zero (no known item: cold start)."""
+        t0 = time.perf_counter()
         warm = np.flatnonzero(np.abs(vectors).sum(axis=1) > 0)
         lists: list[list[dict]] = [[] for _ in rows]
-        t2 = t1
+        t1 = t0
         if len(warm):
-            n_cand = min(len(model.index), max(MIN_CANDIDATES, CANDIDATES_PER_K * k))
+            n_cand = min(len(model.index), max(MIN_CANDIDATES, CANDIDATES_PER_K * model.reranker.config.k))
             scores, found = model.index.search(vectors[warm], n_cand)
-            t2 = time.perf_counter()
-            contexts = [UserContext(history=mine[i].items, purchased=frozenset(mine[i].purchased)) for i in warm]
+            t1 = time.perf_counter()
+            mine = [states[rows[i]] for i in warm]
+            contexts = [UserContext(history=s.items, purchased=frozenset(s.purchased)) for s in mine]
             for i, ranked in zip(warm, model.reranker.rerank(contexts, found, scores)):
                 lists[i] = ranked
-        t3 = time.perf_counter()
-        return rows, lists, {"encode": t1 - t0, "search": t2 - t1, "rerank": t3 - t2}
+        spent["search"] += t1 - t0
+        spent["rerank"] += time.perf_counter() - t1
+        return lists
 
     def cold_start(self, state: UserState) -> list[dict]:
         exclude = set(state.items) | set(state.purchased)

@@ -53,6 +53,7 @@ class E2EOptions:
     guarantee: str = "at_least_once"
     compare: list[str] = field(default_factory=list)   # baselines: "naive", "commit:<sha>"
     cache_mb: int | None = None      # the worker's --cache-mb (default: the worker's)
+    lanes: int | None = None         # the worker's --lanes (default: the worker's)
     train_epochs: int = 3
     seed: int = 0
 
@@ -227,6 +228,8 @@ def _launcher(variant: str, options: E2EOptions, workdir: Path):
         extra = ["--max-batch", str(options.max_batch), "--guarantee", options.guarantee]
         if options.cache_mb is not None:
             extra += ["--cache-mb", str(options.cache_mb)]
+        if options.lanes is not None:
+            extra += ["--lanes", str(options.lanes)]
         return (lambda b, m, d, log: harness.start_worker(b, m, d, partitions=options.partitions, log_path=log,
                                                           extra=extra)), (lambda: None)
     if variant == "naive":

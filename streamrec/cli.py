@@ -376,6 +376,7 @@ def bench_e2e(events: int = typer.Option(20000, help="Events per phase."),
               workers: int = typer.Option(1, help="Worker processes in the consumer group."),
               model: Optional[Path] = typer.Option(None, help="Model dir (default: train a small one)."),
               cache_mb: Optional[int] = typer.Option(None, help="The worker's --cache-mb (default: its own)."),
+              lanes: Optional[int] = typer.Option(None, help="The worker's --lanes (default: its own)."),
               compare: str = typer.Option("", help="Baselines run after the worker, same workload: 'naive' "
                                                    "(a per-event Faust agent), 'commit:<sha>' (an earlier worker)."),
               as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
@@ -396,7 +397,7 @@ def bench_e2e(events: int = typer.Option(20000, help="Events per phase."),
                                 partitions=partitions,
                                 max_batch=max_batch, workers=workers, model=model, broker_kind=broker_kind,
                                 guarantee=guarantee, compare=[c.strip() for c in compare.split(",") if c.strip()],
-                                cache_mb=cache_mb))
+                                cache_mb=cache_mb, lanes=lanes))
     typer.echo(json.dumps(result) if as_json else render(result))
 
 

@@ -136,16 +136,19 @@ def test_bf16_serving_stays_close_to_fp32():
     assert cos > 0.99, cos
 
 
-@pytest.mark.parametrize("lanes", [1, 2])
-def test_recommender_lists_from_the_cache_equal_full_recomputation(tiny_model, tiny_shop, lanes):
+@pytest.mark.parametrize("lanes, threaded", [(1, False), (2, False), (2, True)])
+def test_recommender_lists_from_the_cache_equal_full_recomputation(tiny_model, tiny_shop, lanes, threaded,
+                                                                   monkeypatch):
     """Event by event, the lists made with the incremental encoder (float32) are the lists a
     full recompute of each user's stored history gives; with two lanes too (each user's
-    entry in its own lane, the lanes on two threads)."""
+    entry in its own lane), the lanes one after another or on two threads."""
     from model.incremental import EncoderLanes, IncrementalEncoder
+    from stream import recommender
     from stream.events import ShopEvent
     from stream.recommender import Recommender
     from stream.state import UserState
 
+    monkeypatch.setattr(recommender, "PARALLEL_MIN_USERS", 1 if threaded else 1000)
     cached = Recommender(tiny_model, lanes=lanes)
     enc = cached.model.artifact.encoder
     cached.model.incremental = EncoderLanes([IncrementalEncoder(enc, cached.model.artifact.token_index,
