@@ -122,7 +122,8 @@ class ScaleWorkload:
     async def preload(self, bootstrap: str, partitions: int, legacy: bool = False) -> None:
         """Every user's history as a state row in the changelog (``legacy``: the format of
         versions before state v2, for an earlier commit's worker)."""
-        from stream.state import UserState, event_digest
+        from stream.events import ShopEvent
+        from stream.state import UserState
         from stream.worker import WorkerSettings
 
         settings = WorkerSettings(broker=bootstrap, model=Path("."), partitions=partitions)
@@ -132,13 +133,9 @@ class ScaleWorkload:
 
         def rows():
             for user, history in self.histories.items():
-                state = UserState()
-                for n, (item, kind, ts) in enumerate(history):
-                    state.items.append(item), state.types.append(kind), state.ts.append(ts)
-                    state.seen.append(event_digest(f"{user}/h{n}"))
-                    if kind == "purchase":
-                        state.purchased.append(item)
-                state.last_event_id, state.last_event_ts = f"{user}/h{len(history) - 1}", state.ts[-1]
+                state = UserState()   # the worker's own rule for what a state keeps
+                state.apply([ShopEvent(f"{user}/h{n}", user, item, kind, ts)
+                             for n, (item, kind, ts) in enumerate(history)])
                 if legacy:
                     import msgpack
 
