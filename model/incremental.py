@@ -365,9 +365,7 @@ def for_serving(encoder: SequenceEncoder, token_index: dict[str, int], budget_by
     caches of budget_bytes / lanes each."""
     from model.artifact import bf16_is_fast
 
-    if lanes < 1:
-        raise ValueError(f"lanes must be at least 1, got {lanes}")
-    device = next(encoder.parameters()).device
+    device = next(encoder.parameters()).device   # lanes < 1: EncoderLanes refuses the empty list
     return EncoderLanes([IncrementalEncoder(encoder, token_index, budget_bytes=budget_bytes // lanes, device=device,
                                             dtype=torch.bfloat16, bf16=bf16_is_fast(device))
                          for _ in range(lanes)])

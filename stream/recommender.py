@@ -37,7 +37,7 @@ CANDIDATES_PER_K = 10       # FAISS candidates fetched per list slot, before fil
 MIN_CANDIDATES = 100
 TUNING_USERS = 512          # user vectors the ANN index's nprobe is tuned on
 REFIT_GROWTH = 1.2          # refit the attribute embedder when the catalogue grew by 20%
-STAGES = ("encode", "search", "rerank")
+RECOMMEND_STAGES = ("encode", "search", "rerank")   # the stages of stream.metrics.STAGES timed here
 # Smaller batches run the lanes one after another on the calling thread and search and rerank
 # once: each lane's search and rerank has a fixed cost that only a large part repays.
 PARALLEL_MIN_USERS = 64
@@ -149,7 +149,7 @@ class ServingModel:
 
     def split(self, count: int, users, new, lanes: int) -> list[tuple[int, list[int]]]:
         """The batch's ``count`` rows per lane, as (lane, rows): by the cache's hash of the user
-        where the cache is used (a user's entry lives in one lane), else in contiguous parts."""
+        where the cache is used (a user's entry lives in one lane), else in ``lanes`` contiguous parts."""
         if self.incremental is not None and users is not None and new is not None:
             lane = self.incremental.lane_of(users)
             return [(n, rows) for n in range(len(self.incremental))
@@ -299,11 +299,10 @@ class Recommender:
     def recommend(self, states: list[UserState], users=None, new=None, tails=None) -> tuple[list[list[dict]], str]:
         """Lists for each state, and the version of the model that made them."""
         model = self.model  # one version for the whole batch, even if a swap is pending
-        parts = model.split(len(states), users, new, self.lanes)
-        lists: list[list[dict]] = [[] for _ in states]
-        self.timings = timings = dict.fromkeys(STAGES, 0.0)
+        parallel = self._helpers is not None and len(states) >= PARALLEL_MIN_USERS
+        parts = model.split(len(states), users, new, self.lanes if parallel else 1)
         args = (model, states, users, new, tails)
-        if len(parts) > 1 and self._helpers is not None and len(states) >= PARALLEL_MIN_USERS:
+        if parallel and len(parts) > 1:
             model.reranker.prepare()   # shared arrays built here, only read by the lanes
             helpers = [self._helpers.submit(self._recommend_lane, *args, *part) for part in parts[1:]]
             try:
@@ -312,11 +311,14 @@ class Recommender:
                 wait(helpers)
             done += [f.result() for f in helpers]
         else:   # each lane's users encoded by its cache, then one search and rerank for all
+            spent = dict.fromkeys(RECOMMEND_STAGES, 0.0)
             vectors = np.zeros((len(states), model.artifact.dim), dtype=np.float32)
             for lane, rows in parts:
-                vectors[rows] = self._encode_rows(*args, lane, rows, timings)
+                vectors[rows] = self._encode_rows(*args, lane, rows, spent)
             everyone = list(range(len(states)))
-            done = [(everyone, self._rank_rows(model, states, everyone, vectors, timings), {})]
+            done = [(everyone, self._rank_rows(model, states, everyone, vectors, spent), spent)]
+        lists: list[list[dict]] = [[] for _ in states]
+        self.timings = timings = dict.fromkeys(RECOMMEND_STAGES, 0.0)
         for rows, ranked, spent in done:
             for i, got in zip(rows, ranked):
                 lists[i] = got
@@ -332,9 +334,9 @@ class Recommender:
     @classmethod
     def _recommend_lane(cls, model: ServingModel, states, users, new, tails, lane: int, rows: list[int]):
         """Encode, search and rerank the batch's ``rows`` (one lane's users): (rows, lists, seconds)."""
-        spent = dict.fromkeys(STAGES, 0.0)
+        spent = dict.fromkeys(RECOMMEND_STAGES, 0.0)
         vectors = cls._encode_rows(model, states, users, new, tails, lane, rows, spent)
-        return rows, cls._rank_rows(model, [states[i] for i in rows], range(len(rows)), vectors, spent), spent
+        return rows, cls._rank_rows(model, states, rows, vectors, spent), spent
 
     @staticmethod
     def _encode_rows(model: ServingModel, states, users, new, tails, lane: int, rows: list[int], spent: dict):
@@ -346,9 +348,9 @@ class Recommender:
         return vectors
 
     @staticmethod
-    def _rank_rows(model: ServingModel, states, rows, vectors: np.ndarray, spent: dict) -> list[list[dict]]:
-        """Search and rerank for ``states[rows]`` with ``vectors`` (one per row); [] where a
-        vector is zero (no known item: cold start)."""
+    def _rank_rows(model: ServingModel, states, rows: list[int], vectors: np.ndarray, spent: dict) -> list[list[dict]]:
+        """Search and rerank for the batch's ``rows`` with ``vectors`` (one per row, in order); []
+        where a vector is zero (no known item: cold start)."""
         t0 = time.perf_counter()
         warm = np.flatnonzero(np.abs(vectors).sum(axis=1) > 0)
         lists: list[list[dict]] = [[] for _ in rows]

@@ -76,8 +76,9 @@ class VariantRecommender:
             raise ValueError(f"variant names must differ, got {names}")
         self.variants = variants
         self.experiment = experiment
-        kwargs = {"lanes": lanes} if cache_bytes is None else {"cache_bytes": cache_bytes // len(variants),
-                                                               "lanes": lanes}
+        kwargs = {"lanes": lanes}
+        if cache_bytes is not None:
+            kwargs["cache_bytes"] = cache_bytes // len(variants)
         first = Recommender(variants[0].model, config, **kwargs)
         self.recommenders = [first] + [Recommender(v.model, config, catalogue=first.catalogue,
                                                    trending=first.trending, **kwargs) for v in variants[1:]]
