@@ -59,7 +59,8 @@ class WorkerSettings:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"  # 0.0.0.0 only inside a container, for Prometheus to scrape
     # Recommend threads, each on its own users and share of the cache (stream/recommender.py).
-    # The scale workload's misses on 2 cores: 1,070-1,090 us per list on one thread, 556-631 on two.
+    # The scale workload's misses on 2 cores (benchmarks/lanes.py): 1,039-1,071 us per list on one
+    # thread, 596-618 on two.
     lanes: int = DEFAULT_LANES
     torch_threads: int | None = None   # per lane; default: the cores but one (the event loop's) over the lanes
     rerank: RerankConfig = field(default_factory=RerankConfig)

@@ -1,0 +1,65 @@
+"""The recommend step on one thread against ``--lanes`` threads, side by side: µs per list of
+``Recommender.recommend`` (encode, search, rerank) for batches of users new to the encoder
+cache (full recomputes of their windows: the scale workload's misses), alternating runs.
+
+    python benchmarks/lanes.py --model runs/scale-model        # a 256-wide model of the scale shop
+
+The users and histories are the scale workload's (``streamrec bench e2e --workload scale``,
+which trains such a model into its work directory); the model must know their items.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from stream.events import ShopEvent
+from stream.recommender import Recommender
+from stream.state import UserState
+from streamrec.synthetic import ScaleShop, ScaleSpec
+
+
+def states_of(histories: dict, users: list[str]) -> list[UserState]:
+    states = []
+    for user in users:
+        state = UserState()
+        state.apply([ShopEvent(f"{user}/h{n}", user, item, kind, ts)
+                     for n, (item, kind, ts) in enumerate(histories[user])])
+        states.append(state)
+    return states
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="model directory (trained on the scale shop)")
+    parser.add_argument("--lanes", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=512, help="users per batch")
+    parser.add_argument("--batches", type=int, default=8, help="batches per run")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each, alternating")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (per lane)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    histories = ScaleShop(ScaleSpec(users=args.batch * args.batches, seed=0)).histories()
+    users = list(histories)
+    batches = [users[i:i + args.batch] for i in range(0, args.batch * args.batches, args.batch)]
+    states = [states_of(histories, b) for b in batches]
+    for _ in range(args.repeats):
+        for lanes in (1, args.lanes):
+            rec = Recommender(args.model, lanes=lanes)   # an empty cache: every user is a miss
+            rec.recommend(states[0][:5], batches[0][:5], [1] * 5, [None] * 5)   # warm up
+            spent, started = dict.fromkeys(("encode", "search", "rerank"), 0.0), time.perf_counter()
+            for b, s in zip(batches, states):
+                rec.recommend(s, b, [1] * len(b), [f"{u}/before" for u in b])
+                for stage, seconds in rec.timings.items():
+                    spent[stage] += seconds
+            lists = args.batch * args.batches
+            wall = (time.perf_counter() - started) / lists * 1e6
+            stages = ", ".join(f"{k} {v / lists * 1e6:.0f}" for k, v in spent.items())
+            print(f"lanes {lanes}: {wall:,.0f} us per list (wall); thread us per list: {stages}")
+
+
+if __name__ == "__main__":
+    main()
