@@ -1,9 +1,10 @@
 """Encoder and index speed: user vectors/s for one new event on a warm user, incremental
 (one position against the cache) vs full recompute of the window, at history lengths 10 and
-50; and FAISS candidate queries/s. On the GPU when there is one (``--device cuda``).
+50; and candidate queries/s of the item index. On the GPU when there is one (``--device cuda``;
+the index then runs on faiss-gpu if installed, else as torch's exact search).
 
     python benchmarks/encoder.py                       # CPU: fp32 and bf16, batch 512
-    python benchmarks/encoder.py --device cuda --batch 4096
+    python benchmarks/encoder.py --device cuda --batch 4096 --index-items 50000 1000000
     python benchmarks/encoder.py --convs none input   # what the input convolution costs
 
 Weights are random (speed does not depend on them); the width and depth are the recipe's.
@@ -68,17 +69,21 @@ def bench_encoder(cfg: EncoderConfig, device: torch.device, batch: int, length: 
 
 
 def bench_index(dim: int, n_items: int, batch: int, device: torch.device, repeat: int, k: int = 100):
+    """Candidate queries/s of the index "auto" builds for `n_items` (on the GPU when `device` is
+    CUDA: faiss-gpu if installed, else torch's exact search), and of exact search."""
     from index.item_index import ItemIndex
 
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(64, dim)).astype(np.float32)
     items = centers[rng.integers(0, 64, n_items)] + 0.3 * rng.normal(size=(n_items, dim)).astype(np.float32)
     queries = items[rng.integers(0, n_items, batch)] + 0.3 * rng.normal(size=(batch, dim)).astype(np.float32)
-    out = {}
-    for kind in ("flat", "auto"):
-        index = ItemIndex.build(items, kind=kind)
+    out = []
+    for kind in ("auto", "flat"):
+        index = ItemIndex.build(items, kind=kind, use_gpu=device.type == "cuda")
+        if kind == "flat" and out and out[0][0] == "flat":
+            break   # "auto" already chose exact search
         seconds = timed(lambda: index.search(queries, k), repeat)
-        out[index.info.kind] = batch / seconds
+        out.append((index.info.kind, index.backend, batch / seconds))
     return out
 
 
@@ -87,6 +92,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--items", type=int, default=50_000)
+    p.add_argument("--index-items", type=int, nargs="+", default=None,
+                   help="catalogue sizes for the index queries/s (default: --items)")
     p.add_argument("--dim", type=int, default=EncoderConfig.dim)
     p.add_argument("--convs", nargs="+", choices=list(CONVS), default=[RECIPE_CONVS],
                    help="with and without the recipe's input convolution, to compare its serving cost")
@@ -107,8 +114,10 @@ def main() -> None:
                 inc, full = bench_encoder(cfg, device, args.batch, length, bf16, args.repeat)
                 print(f"{length:>4} {convs:>6} {'bf16' if bf16 else 'fp32':>6} {inc:>18,.0f} {full:>12,.0f} "
                       f"{inc / full:>6.1f}x")
-    for kind, qps in bench_index(args.dim, args.items, args.batch, device, args.repeat).items():
-        print(f"FAISS {kind:>5}: {qps:,.0f} queries/s (k=100, batch {args.batch})")
+    for n_items in args.index_items or [args.items]:
+        for kind, backend, qps in bench_index(args.dim, n_items, args.batch, device, args.repeat):
+            print(f"index {n_items:>9,} items, {kind:>4} on {backend:>10}: {qps:>10,.0f} queries/s "
+                  f"(k=100, batch {args.batch})")
 
 
 if __name__ == "__main__":

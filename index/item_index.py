@@ -24,8 +24,11 @@ recall (1.4x exact). HNSW (on the L2 reduction; natively on inner product it pla
 0.91 recall) needed efSearch ~2000 for 0.97-0.99 at 12k-18k items and was slower than exact
 there, so kind="hnsw" stays available (efSearch tuned like nprobe) but "auto" never picks it.
 
-GPU FAISS is used when the installed faiss has GPU support and a device is present;
-the CPU path is the tested one.
+On a GPU: a faiss build with GPU support takes flat and IVF indexes to the device. PyPI's
+faiss-cpu has none, but the CUDA torch that streamrec already needs does exact search as one
+matrix product and a top-k there (`TorchExactIP`), so with a GPU and faiss-cpu a flat index
+is searched on the GPU, and "auto" keeps exact search up to `GPU_EXACT_MAX_ITEMS` items.
+Both are checked against the CPU index (tests/test_index.py; the CUDA cases run on a GPU).
 """
 
 from __future__ import annotations
@@ -47,6 +50,12 @@ log = logging.getLogger(__name__)
 # benchmarks/retrieval.py, dim 64, 2 CPU cores: ~2.4k queries/s at 50k items, ~0.6k at 100k) and
 # has perfect recall, so "auto" only switches to an approximate index above it.
 EXACT_MAX_ITEMS = 50_000
+# With a GPU for exact search (`TorchExactIP` or faiss-gpu), "auto" stays exact up to this many
+# items: a matrix product at 1M items x 256 dims is ~0.5 GFLOP per query, well inside a GPU's
+# budget at thousands of queries/s (benchmarks/encoder.py measures it), and recall stays 1.
+GPU_EXACT_MAX_ITEMS = 1_000_000
+# TorchExactIP scores at most this many (query, item) pairs at once (float32: 256 MiB).
+TORCH_SCORE_CHUNK = 1 << 26
 # nlist = IVF_LISTS_PER_SQRT_N * sqrt(N): the usual rule (4..16 sqrt N); 4 keeps lists
 # long enough that k-means on a sample stays cheap and a probe visits useful items.
 IVF_LISTS_PER_SQRT_N = 4
@@ -94,9 +103,61 @@ class IndexInfo:
     l2_radius: float = 0.0
 
 
-def gpu_available() -> bool:
+def faiss_gpu_available() -> bool:
     """True when this faiss build has GPU support and sees at least one device."""
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def gpu_available() -> bool:
+    """True when exact search can run on a GPU: through faiss-gpu or through torch."""
+    return faiss_gpu_available() or torch_cuda_available()
+
+
+class TorchExactIP:
+    """Exact inner-product top-k on a torch device: one matrix product and a top-k per chunk
+    of queries. The GPU path where faiss has no GPU support; the faiss `IndexFlatIP` it was
+    made from stays the authority (saving, adding). Offers what `ItemIndex` uses of a faiss
+    index: `ntotal`, `search`, `add`."""
+
+    def __init__(self, flat: faiss.IndexFlatIP, device):
+        import torch
+
+        self.flat = flat
+        self.device = torch.device(device)
+        rows = flat.reconstruct_n(0, flat.ntotal) if flat.ntotal else np.empty((0, flat.d), np.float32)
+        self.vectors = torch.from_numpy(rows).to(self.device)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.flat.ntotal)
+
+    def add(self, vectors: np.ndarray) -> None:
+        import torch
+
+        self.flat.add(vectors)
+        self.vectors = torch.cat([self.vectors, torch.from_numpy(vectors).to(self.device)])
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        n = self.ntotal
+        found = min(k, n)
+        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        rows = np.full((len(queries), k), -1, dtype=np.int64)
+        step = max(1, TORCH_SCORE_CHUNK // max(n, 1))
+        with torch.inference_mode():
+            for start in range(0, len(queries), step):
+                chunk = torch.from_numpy(queries[start:start + step]).to(self.device)
+                top, top_rows = torch.topk(chunk @ self.vectors.T, found, dim=1)
+                scores[start:start + step, :found] = top.cpu().numpy()
+                rows[start:start + step, :found] = top_rows.cpu().numpy()
+        return scores, rows
 
 
 def _as_matrix(vectors: np.ndarray, dim: int | None, what: str) -> np.ndarray:
@@ -144,8 +205,10 @@ class ItemIndex:
         if tuning_queries is not None:
             tuning_queries = _as_matrix(tuning_queries, vectors.shape[1], "tuning_queries")
         n, dim = vectors.shape
+        if use_gpu is None:
+            use_gpu = gpu_available()
         if kind == "auto":
-            kind = "flat" if n <= EXACT_MAX_ITEMS else "ivf"
+            kind = "flat" if n <= (GPU_EXACT_MAX_ITEMS if use_gpu else EXACT_MAX_ITEMS) else "ivf"
         started = time.perf_counter()
         if kind == "flat":
             index, info = faiss.IndexFlatIP(dim), IndexInfo("flat", dim)
@@ -159,8 +222,6 @@ class ItemIndex:
         item_index.add(vectors)
         if kind in ("ivf", "hnsw"):
             item_index._tune_search_width(vectors, tuning_queries)
-        if use_gpu is None:
-            use_gpu = gpu_available()
         if use_gpu:
             item_index._to_gpu()
         log.info(
@@ -229,10 +290,30 @@ class ItemIndex:
     def _to_gpu(self) -> None:
         if self.info.kind == "hnsw":
             log.warning("HNSW has no GPU implementation in FAISS; staying on CPU")
-            return
-        self._gpu_resources = faiss.StandardGpuResources()
-        self._index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self._index)
-        log.info("index moved to GPU 0")
+        elif faiss_gpu_available():
+            self._gpu_resources = faiss.StandardGpuResources()
+            self._index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self._index)
+            log.info("%s index moved to GPU 0 (faiss)", self.info.kind)
+        elif self.info.kind == "flat" and torch_cuda_available():
+            self.to_torch("cuda")
+            log.info("flat index searched on GPU 0 (torch; this faiss has no GPU support)")
+        else:
+            log.warning("a %s index needs a faiss build with GPU support to run on the GPU; "
+                        "staying on CPU", self.info.kind)
+
+    def to_torch(self, device) -> None:
+        """Search this flat index with torch on `device` ("cuda": the GPU path without faiss-gpu)."""
+        if self.info.kind != "flat" or hasattr(self, "_gpu_resources"):
+            raise ValueError(f"only a flat index on the CPU moves to torch, this one is {self.info.kind} on {self.backend}")
+        if not isinstance(self._index, TorchExactIP):
+            self._index = TorchExactIP(self._index, device)
+
+    @property
+    def backend(self) -> str:
+        """Where searches run: "faiss-gpu", "torch-<device>" or "faiss-cpu"."""
+        if isinstance(self._index, TorchExactIP):
+            return f"torch-{self._index.device.type}"
+        return "faiss-gpu" if hasattr(self, "_gpu_resources") else "faiss-cpu"
 
     # ------------------------------------------------------------------ serving
     @property
@@ -278,7 +359,9 @@ class ItemIndex:
         """Write the FAISS index to `path` and its settings to `path` + ".json"."""
         path = Path(path)
         index = self._index
-        if hasattr(faiss, "index_gpu_to_cpu") and hasattr(self, "_gpu_resources"):
+        if isinstance(index, TorchExactIP):
+            index = index.flat
+        elif hasattr(faiss, "index_gpu_to_cpu") and hasattr(self, "_gpu_resources"):
             index = faiss.index_gpu_to_cpu(index)
         faiss.write_index(index, str(path))
         sidecar = path.with_name(path.name + SIDECAR_SUFFIX)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from itertools import chain, repeat
+from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
@@ -209,7 +210,10 @@ def featurize(histories: list[list[Interaction]], token_index: dict[str, int], m
     if not n:
         empty = np.zeros((len(histories), width), dtype=np.int64)
         return empty, empty.copy(), empty.copy(), np.zeros(len(histories), dtype=np.int64)
-    names, kinds, times = zip(*chain.from_iterable(histories))
+    # three passes over one flat list: zip(*events) with one argument per event slowed down
+    # ~15x past a few thousand users (2,048 users of 50 events: 45 against 2.5 us per user)
+    flat = list(chain.from_iterable(histories))
+    names, kinds, times = (list(map(itemgetter(field), flat)) for field in range(3))
     items = np.fromiter(map(token_index.get, names, repeat(0)), dtype=np.int64, count=n)
     types = np.fromiter(map(TYPE_ID.get, kinds, repeat(0)), dtype=np.int64, count=n)
     if None in times:

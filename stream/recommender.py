@@ -22,7 +22,7 @@ import numpy as np
 
 from index.catalogue import Catalogue
 from index.cold_start import AttributeEmbedder
-from index.item_index import EXACT_MAX_ITEMS, ItemIndex
+from index.item_index import EXACT_MAX_ITEMS, GPU_EXACT_MAX_ITEMS, ItemIndex, gpu_available
 from index.rerank import Reranker, RerankConfig, UserContext
 from index.trending import Trending, event_weights
 from model.artifact import METADATA, ModelArtifact
@@ -138,7 +138,9 @@ class ServingModel:
         artifact = ModelArtifact.load(model_dir)
         vectors = artifact.item_embeddings()
         index_path = model_dir / INDEX_FILE
-        index = ItemIndex.load(index_path) if index_path.exists() else ItemIndex.build(vectors)
+        index = ItemIndex.load(index_path) if index_path.exists() else None
+        if index is None or (index.info.kind != "flat" and gpu_available() and len(vectors) <= GPU_EXACT_MAX_ITEMS):
+            index = ItemIndex.build(vectors)   # on a GPU, exact search beats the saved approximate index
         reranker = Reranker(config, catalogue, vectors, artifact.items)
         incremental = None
         if artifact.config.positions == "rope" and cache_bytes > 0:

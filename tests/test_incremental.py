@@ -12,14 +12,16 @@ from model.incremental import EncodeRequest, IncrementalEncoder
 # fp32 rounding through two blocks and a softmax: agreement to this many absolute units
 # on vectors whose entries are O(1) (LayerNorm output)
 TOLERANCE = 1e-4
+# the CUDA cases run where there is a GPU (CI has none; see the README's GPU section)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def make_encoder(max_len=12, n_items=40, dim=32, heads=4, seed=0):
+def make_encoder(max_len=12, n_items=40, dim=32, heads=4, seed=0, device="cpu"):
     torch.manual_seed(seed)
     enc = SequenceEncoder(EncoderConfig(n_items=n_items, max_len=max_len, dim=dim, n_heads=heads))
     for p in enc.parameters():   # a trained-looking model: weights well away from their init
         torch.nn.init.normal_(p, std=0.3)
-    return enc.eval(), {f"i{n}": n for n in range(1, n_items + 1)}
+    return enc.to(device).eval(), {f"i{n}": n for n in range(1, n_items + 1)}
 
 
 def history(rng, length, n_items=40, unknown=0.0):
@@ -36,9 +38,10 @@ def full(enc, index, hist, window):
     return inc.encode([EncodeRequest("u", hist[-window:], new=0, tail_before="x", tail_after="x")])[0]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_event_by_event_equals_full_recompute_up_to_the_window(dtype):
-    enc, index = make_encoder()
+def test_event_by_event_equals_full_recompute_up_to_the_window(dtype, device):
+    enc, index = make_encoder(device=device)
     rng = np.random.default_rng(1)
     users = {f"u{n}": history(rng, 12) for n in range(6)}
     inc = IncrementalEncoder(enc, index, budget_bytes=1 << 20, dtype=dtype)
@@ -124,8 +127,9 @@ def test_a_user_without_known_items_gets_zeros_and_no_slot():
     assert not got.any() and "cold" not in inc.slot_of
 
 
-def test_bf16_serving_stays_close_to_fp32():
-    enc, index = make_encoder()
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_serving_stays_close_to_fp32(device):
+    enc, index = make_encoder(device=device)
     rng = np.random.default_rng(6)
     hist = history(rng, 12)
     inc = IncrementalEncoder(enc, index, budget_bytes=1 << 20, dtype=torch.bfloat16, bf16=True)

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from index import item_index as item_index_module
 from index.catalogue import Catalogue
@@ -44,9 +45,47 @@ def test_flat_search_matches_brute_force():
 
 def test_auto_uses_flat_below_threshold_and_ivf_above(monkeypatch):
     vectors, _ = clustered(400)
-    assert ItemIndex.build(vectors).info.kind == "flat"
+    assert ItemIndex.build(vectors, use_gpu=False).info.kind == "flat"
     monkeypatch.setattr(item_index_module, "EXACT_MAX_ITEMS", 100)
-    assert ItemIndex.build(vectors).info.kind == "ivf"
+    assert ItemIndex.build(vectors, use_gpu=False).info.kind == "ivf"
+    # with a GPU for exact search the threshold is GPU_EXACT_MAX_ITEMS (on a CPU-only machine
+    # use_gpu=True only picks the kind: the index stays on the CPU, with a warning)
+    assert ItemIndex.build(vectors, use_gpu=True).info.kind == "flat"
+    monkeypatch.setattr(item_index_module, "GPU_EXACT_MAX_ITEMS", 200)
+    assert ItemIndex.build(vectors, use_gpu=True).info.kind == "ivf"
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_exact_search_agrees_with_faiss(monkeypatch, tmp_path, device):
+    """The GPU path without faiss-gpu (a matrix product and top-k in torch) finds what faiss's
+    flat index finds, in chunks of queries, pads past the catalogue, adds rows and saves."""
+    vectors, _ = clustered(3000)
+    queries = item_index_module.tuning_queries(vectors, 300, seed=3)
+    reference = ItemIndex.build(vectors, kind="flat", use_gpu=False)
+    index = ItemIndex.build(vectors, kind="flat", use_gpu=False)
+    index.to_torch(device)
+    assert index.backend == f"torch-{device}" and len(index) == 3000
+    monkeypatch.setattr(item_index_module, "TORCH_SCORE_CHUNK", 3000 * 64)   # 64 queries a chunk
+    want_scores, want_rows = reference.search(queries, 100)
+    scores, rows = index.search(queries, 100)
+    assert scores.dtype == np.float32 and rows.dtype == np.int64
+    np.testing.assert_allclose(scores, want_scores, atol=1e-4)
+    assert recall_at_k(rows, want_rows) >= 0.999   # only near-ties may swap at the boundary
+    new = vectors[:5] * 3.0   # longer copies of five items: the best match for their own queries
+    np.testing.assert_array_equal(index.add(new), np.arange(3000, 3005))
+    np.testing.assert_array_equal(index.search(new, 1)[1][:, 0], np.arange(3000, 3005))
+    small = ItemIndex.build(vectors[:3], kind="flat", use_gpu=False)
+    small.to_torch(device)
+    scores, rows = small.search(queries[:2], 5)
+    assert (rows[:, 3:] == -1).all() and np.isneginf(scores[:, 3:]).all() and (rows[:, :3] >= 0).all()
+    index.save(tmp_path / "items.faiss")
+    loaded = ItemIndex.load(tmp_path / "items.faiss", use_gpu=False)
+    assert loaded.backend == "faiss-cpu" and len(loaded) == 3005
+    with pytest.raises(ValueError, match="only a flat index"):
+        ItemIndex.build(vectors, kind="hnsw", use_gpu=False).to_torch(device)
 
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
