@@ -152,16 +152,16 @@ class IncrementalEncoder:
     # ------------------------------------------------------------------ incremental
     def _new_known(self, req: EncodeRequest):
         """(item, type, gap) ids of the new known events, or None if they cannot be stepped."""
-        if req.new > len(req.history):
+        history, first = req.history, len(req.history) - req.new
+        if first < 0:
             return None
         prev_ts = None
-        older = req.history[: len(req.history) - req.new]
-        for _, _, ts in reversed(older):
-            if ts is not None:
-                prev_ts = ts
+        for n in range(first - 1, -1, -1):   # the newest older event with a time (no copy of the list)
+            if history[n][2] is not None:
+                prev_ts = history[n][2]
                 break
         rows = []
-        for item, etype, ts in req.history[len(req.history) - req.new:]:
+        for item, etype, ts in history[first:]:
             gap = 0 if ts is None or prev_ts is None else gap_bucket(max(0.0, ts - prev_ts))
             if ts is not None:
                 prev_ts = ts
