@@ -299,3 +299,21 @@ def test_cold_start_item_ranks_high_for_a_user_of_its_brand():
 def test_empty_catalogue_and_trending_are_truthy():
     """`catalogue or Catalogue()` must keep the caller's (still empty) live object."""
     assert Catalogue() and Trending()
+
+
+def test_with_a_gpu_a_saved_approximate_index_is_served_exactly(tiny_model, tmp_path, monkeypatch):
+    """On a GPU exact search is fast (TorchExactIP or faiss-gpu), so a worker that loads a model
+    saved with an IVF index (trained on a CPU, say) searches exactly instead; without one it
+    keeps the saved index."""
+    import shutil
+
+    from index.rerank import RerankConfig
+    from model.artifact import ModelArtifact
+    from stream import recommender
+
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    vectors = ModelArtifact.load(model, device="cpu").item_embeddings()
+    ItemIndex.build(vectors, kind="ivf", use_gpu=False).save(model / recommender.INDEX_FILE)
+    for gpu, kind in ((False, "ivf"), (True, "flat")):
+        monkeypatch.setattr(recommender, "gpu_available", lambda: gpu)
+        assert recommender.ServingModel.load(model, Catalogue(), RerankConfig()).index.info.kind == kind
