@@ -299,9 +299,12 @@ class ItemIndex:
         elif self.info.kind == "flat" and torch_cuda_available():
             self.to_torch("cuda")
             log.info("flat index searched on GPU 0 (torch; this faiss has no GPU support)")
-        else:
+        elif torch_cuda_available():
             log.warning("a %s index needs a faiss build with GPU support to run on the GPU; "
                         "staying on CPU", self.info.kind)
+        else:
+            log.warning("no GPU found (no faiss-gpu device, no CUDA for torch); the %s index stays on CPU",
+                        self.info.kind)
 
     def to_torch(self, device) -> None:
         """Search this flat index with torch on `device` ("cuda": the GPU path without faiss-gpu)."""

@@ -95,7 +95,7 @@ def kafka(nodes: int = typer.Option(1, help="1 node, or 3 (replication 3, min.in
 def train(data: Path = typer.Option(..., exists=True, dir_okay=False, help="Event log or sequence file."),
           out: Path = typer.Option(..., help="Model directory to write (replaced atomically)."),
           epochs: Optional[int] = typer.Option(
-              None, help="Epochs; the learning rate decays to 0 over them (default: the recipe's 10)."),
+              None, help="Epochs; the learning rate decays to 0 over them (default: the recipe's 13)."),
           max_minutes: Optional[float] = typer.Option(
               None, help="Wall-clock cap on training; the learning rate decays to 0 over it (default: the recipe's "
                          "18 minutes)."),
