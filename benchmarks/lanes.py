@@ -22,10 +22,8 @@ import torch
 
 from model.artifact import ModelArtifact
 from model.encoder import EncoderConfig, SequenceEncoder
-from stream.events import ShopEvent
 from stream.recommender import Recommender
-from stream.state import UserState
-from streamrec.synthetic import ScaleShop, ScaleSpec, item_id
+from streamrec.synthetic import ScaleShop, ScaleSpec, item_id, preloaded_state
 
 
 def random_model(directory: str) -> str:
@@ -34,16 +32,6 @@ def random_model(directory: str) -> str:
     torch.manual_seed(0)
     ModelArtifact(SequenceEncoder(EncoderConfig(n_items=len(items))), items, device="cpu").save(directory)
     return directory
-
-
-def states_of(histories: dict, users: list[str]) -> list[UserState]:
-    states = []
-    for user in users:
-        state = UserState()
-        state.apply([ShopEvent(f"{user}/h{n}", user, item, kind, ts)
-                     for n, (item, kind, ts) in enumerate(histories[user])])
-        states.append(state)
-    return states
 
 
 def main() -> None:
@@ -62,16 +50,14 @@ def main() -> None:
     histories = ScaleShop(ScaleSpec(users=args.batch * args.batches, seed=0)).histories()
     users = list(histories)
     batches = [users[i:i + args.batch] for i in range(0, args.batch * args.batches, args.batch)]
-    states = [states_of(histories, b) for b in batches]
-    printed = False
-    for _ in range(args.repeats):
+    states = [[preloaded_state(u, histories[u]) for u in b] for b in batches]
+    for repeat in range(args.repeats):
         for lanes in (1, args.lanes):
             rec = Recommender(args.model, lanes=lanes)   # an empty cache: every user is a miss
-            if not printed:
+            if repeat == 0 and lanes == 1:
                 serving = rec.model
                 print(f"encoder on {serving.artifact.device}, {len(serving.artifact.items):,} items, "
                       f"search {serving.index.info.kind} on {serving.index.backend}, torch threads {args.threads}")
-                printed = True
             rec.recommend(states[0][:5], batches[0][:5], [1] * 5, [None] * 5)   # warm up
             spent, started = dict.fromkeys(("encode", "search", "rerank"), 0.0), time.perf_counter()
             for b, s in zip(batches, states):

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,6 @@ def faiss_gpu_available() -> bool:
 
 
 def torch_cuda_available() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -128,8 +127,6 @@ class TorchExactIP:
     index: `ntotal`, `search`, `add`."""
 
     def __init__(self, flat: faiss.IndexFlatIP, device):
-        import torch
-
         self.flat = flat
         self.device = torch.device(device)
         rows = flat.reconstruct_n(0, flat.ntotal) if flat.ntotal else np.empty((0, flat.d), np.float32)
@@ -140,14 +137,10 @@ class TorchExactIP:
         return int(self.flat.ntotal)
 
     def add(self, vectors: np.ndarray) -> None:
-        import torch
-
         self.flat.add(vectors)
         self.vectors = torch.cat([self.vectors, torch.from_numpy(vectors).to(self.device)])
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        import torch
-
         n = self.ntotal
         found = min(k, n)
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)

@@ -138,9 +138,9 @@ class ServingModel:
         artifact = ModelArtifact.load(model_dir)
         vectors = artifact.item_embeddings()
         index_path = model_dir / INDEX_FILE
-        index = ItemIndex.load(index_path) if index_path.exists() else None
-        if index is None or (index.info.kind != "flat" and gpu_available() and len(vectors) <= GPU_EXACT_MAX_ITEMS):
-            index = ItemIndex.build(vectors)   # on a GPU, exact search beats the saved approximate index
+        # on a GPU exact search ("auto" there) beats a saved approximate index
+        exact_on_gpu = gpu_available() and len(vectors) <= GPU_EXACT_MAX_ITEMS
+        index = ItemIndex.load(index_path) if index_path.exists() and not exact_on_gpu else ItemIndex.build(vectors)
         reranker = Reranker(config, catalogue, vectors, artifact.items)
         incremental = None
         if artifact.config.positions == "rope" and cache_bytes > 0:

@@ -122,9 +122,8 @@ class ScaleWorkload:
     async def preload(self, bootstrap: str, partitions: int, legacy: bool = False) -> None:
         """Every user's history as a state row in the changelog (``legacy``: the format of
         versions before state v2, for an earlier commit's worker)."""
-        from stream.events import ShopEvent
-        from stream.state import UserState
         from stream.worker import WorkerSettings
+        from streamrec.synthetic import preloaded_state
 
         settings = WorkerSettings(broker=bootstrap, model=Path("."), partitions=partitions)
         from stream import compat
@@ -133,9 +132,7 @@ class ScaleWorkload:
 
         def rows():
             for user, history in self.histories.items():
-                state = UserState()   # the worker's own rule for what a state keeps
-                state.apply([ShopEvent(f"{user}/h{n}", user, item, kind, ts)
-                             for n, (item, kind, ts) in enumerate(history)])
+                state = preloaded_state(user, history)
                 if legacy:
                     import msgpack
 

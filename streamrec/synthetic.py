@@ -173,3 +173,14 @@ class ScaleShop:
                 kind = self.TYPES[int(self.rng.choice(4, p=self.TYPE_P))]
                 out.append(_event(int(u), item_id(item), kind, float(self.clock[u])))
         return out
+
+
+def preloaded_state(user: str, history: list[tuple[str, str, float]]):
+    """The state the worker would hold after ``history`` (event ids ``{user}/h{n}``), built by
+    its own rule (``UserState.apply``): the scale workload's preload and its benchmarks."""
+    from stream.events import ShopEvent
+    from stream.state import UserState
+
+    state = UserState()
+    state.apply([ShopEvent(f"{user}/h{n}", user, item, kind, ts) for n, (item, kind, ts) in enumerate(history)])
+    return state
