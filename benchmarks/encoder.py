@@ -1,6 +1,7 @@
 """Encoder and index speed: user vectors/s for one new event on a warm user, incremental
 (one position against the cache) vs full recompute of the window, at history lengths 10 and
-50; and candidate queries/s of the item index. On the GPU when there is one (``--device cuda``;
+50; warm users with a burst of new events (``--bursts``) in one pass vs one event per batch;
+and candidate queries/s of the item index. On the GPU when there is one (``--device cuda``;
 the index then runs on faiss-gpu if installed, else as torch's exact search).
 
     python benchmarks/encoder.py                       # CPU: fp32 and bf16, batch 512
@@ -68,6 +69,43 @@ def bench_encoder(cfg: EncoderConfig, device: torch.device, batch: int, length: 
     return batch / step_s, batch / full_s
 
 
+def bench_burst(cfg: EncoderConfig, device: torch.device, batch: int, length: int, burst: int, repeat: int):
+    """Users/s for warm users with ``burst`` new events each (bf16 where fast): all in one
+    pass, against the same events as ``burst`` one-event batches in a row."""
+    from model.artifact import bf16_is_fast
+
+    torch.manual_seed(0)
+    enc = SequenceEncoder(cfg).to(device).eval()
+    index = {f"i{n}": n for n in range(1, cfg.n_items + 1)}
+    hist = histories(np.random.default_rng(0), batch, length + burst, cfg.n_items)
+    bf16 = bf16_is_fast(device)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    users = [f"u{n}" for n in range(batch)]
+
+    def run(together: bool):
+        inc = IncrementalEncoder(enc, index, budget_bytes=1 << 34, device=device, dtype=dtype, bf16=bf16)
+        inc.encode([EncodeRequest(u, h[:length], new=length, tail_after="0") for u, h in zip(users, hist)])
+        slots = np.array(list(inc.slot_of.values()))
+        counts = inc.count[slots].copy()
+
+        def once():   # back to the warm state (positions and tails), then the burst
+            inc.count[slots] = counts
+            for slot in slots:
+                inc.tail[slot] = "0"
+            if together:
+                inc.encode([EncodeRequest(u, h, new=burst, tail_before="0", tail_after="b")
+                            for u, h in zip(users, hist)])
+            else:
+                for n in range(burst):
+                    inc.encode([EncodeRequest(u, h[:length + n + 1], new=1, tail_before="0" if n == 0 else f"b{n - 1}",
+                                              tail_after=f"b{n}") for u, h in zip(users, hist)])
+        return batch / timed(once, repeat), inc.stats
+
+    (one_pass, stats), (one_by_one, _) = run(True), run(False)
+    assert stats.misses == batch, stats.as_dict()   # every burst was stepped, none recomputed
+    return one_pass, one_by_one
+
+
 def bench_index(dim: int, n_items: int, batch: int, device: torch.device, repeat: int, k: int = 100):
     """Candidate queries/s of the index "auto" builds for `n_items` (on the GPU when `device` is
     CUDA: faiss-gpu if installed, else torch's exact search), and of exact search."""
@@ -98,6 +136,8 @@ def main() -> None:
     p.add_argument("--convs", nargs="+", choices=list(CONVS), default=[RECIPE_CONVS],
                    help="with and without the recipe's input convolution, to compare its serving cost")
     p.add_argument("--lengths", type=int, nargs="+", default=[10, 50])
+    p.add_argument("--bursts", type=int, nargs="+", default=[4],
+                   help="new events per warm user in one batch (at L = 30), one pass vs one batch per event")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args()
@@ -114,6 +154,11 @@ def main() -> None:
                 inc, full = bench_encoder(cfg, device, args.batch, length, bf16, args.repeat)
                 print(f"{length:>4} {convs:>6} {'bf16' if bf16 else 'fp32':>6} {inc:>18,.0f} {full:>12,.0f} "
                       f"{inc / full:>6.1f}x")
+    for burst in args.bursts:
+        cfg = EncoderConfig(n_items=args.items, dim=args.dim)
+        one_pass, one_by_one = bench_burst(cfg, device, args.batch, 30, burst, args.repeat)
+        print(f"burst of {burst} events per warm user (L 30): one pass {one_pass:,.0f} users/s, "
+              f"one batch per event {one_by_one:,.0f} users/s ({one_pass / one_by_one:.1f}x)")
     for n_items in args.index_items or [args.items]:
         for kind, backend, qps in bench_index(args.dim, n_items, args.batch, device, args.repeat):
             print(f"index {n_items:>9,} items, {kind:>4} on {backend:>10}: {qps:>10,.0f} queries/s "

@@ -318,8 +318,12 @@ async def _phase(bootstrap: str, events: list[dict], rate: float | None, collect
     elapsed = time.time() - started
     lat = np.asarray(collector.latencies[first_latency:]) * 1000
     seen = np.asarray(collector.visible_latencies[first_latency:]) * 1000
+    # the tail's shape: one slow second (a stall) or every second (the worker is too slow)
+    second = (np.asarray(collector.produced_at[first_latency:]) - started).astype(int).clip(0)
+    by_second = [round(float(np.percentile(lat[second == s], 99)), 1) for s in np.unique(second)]
     return {
         "offered_rate": rate or "max",
+        "started_at": round(started, 3),   # unix time: to line the phase up with other logs
         "produce_seconds": round(produced, 2),
         "complete": complete,
         "seconds_until_all_lists_current": round(elapsed, 2),
@@ -331,6 +335,7 @@ async def _phase(bootstrap: str, events: list[dict], rate: float | None, collect
         # arrival at a read_committed (exactly-once) or plain consumer: includes the commit wait
         "visible_p50_ms": round(float(np.percentile(seen, 50)), 1),
         "visible_p99_ms": round(float(np.percentile(seen, 99)), 1),
+        "latency_p99_ms_by_second": by_second,
     }
 
 
@@ -349,6 +354,9 @@ def render(result: dict) -> str:
         lines.append(f"-- {run['variant']} (model {run['model']}); peak RSS MiB {run['peak_rss_mb']}"
                      + (f"; state {run['state_bytes_per_user']} bytes/user" if run.get("state_bytes_per_user") else ""))
         lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+        lines += [f"   p99 ms by second at {p['offered_rate']}/s: "
+                  + " ".join(f"{v:g}" for v in p["latency_p99_ms_by_second"])
+                  for p in run["phases"] if p["offered_rate"] != "max"]
         lines += [f"   stages: {s}" for s in run["worker_stage_seconds"]]
     first = result["runs"][0]["phases"][0]["throughput_events_per_s"]
     for run in result["runs"][1:]:

@@ -144,6 +144,7 @@ class ListCollector:
         self.messages = 0
         self.latencies: list[float] = []          # produced_ts - event ts (the worker's side)
         self.visible_latencies: list[float] = []  # arrival here - event ts (what a shop sees)
+        self.produced_at: list[float] = []        # produced_ts of each list, beside its latency
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task | None = None
 
@@ -177,6 +178,7 @@ class ListCollector:
                     self.listed.add(msg["event_id"])
                     self.seen[msg["user_id"], msg["event_id"]] += 1
                     self.latencies.append(msg["produced_ts"] - msg["event_ts"])
+                    self.produced_at.append(msg["produced_ts"])
                     self.visible_latencies.append(arrived - msg["event_ts"])
                     self.messages += 1
 

@@ -68,19 +68,70 @@ def test_several_new_events_unknown_items_and_duplicates():
     assert inc.stats.hits == 2 and inc.stats.misses == 1
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_several_events_per_user_in_one_pass_equal_stepping_them_one_at_a_time(monkeypatch, device):
+    """Users with 1-5 new events each, in one pass, past the window (the ring wraps inside
+    a pass): the same vectors as folding the events in one by one."""
+    enc, index = make_encoder(max_len=8, device=device)
+    rng = np.random.default_rng(6)
+    users = {f"u{n}": history(rng, 40, unknown=0.1) for n in range(5)}
+    together = IncrementalEncoder(enc, index, budget_bytes=1 << 20)
+    # always step (past the window a full recompute no longer sees what the steps saw)
+    monkeypatch.setattr(together, "_cheapest_width", lambda requests, steps, **_: (steps, []))
+    one_by_one = IncrementalEncoder(enc, index, budget_bytes=1 << 20)
+
+    def request(user, upto, new, before):
+        return EncodeRequest(user, users[user][max(0, upto - 8): upto], new=new,
+                             tail_before=None if before == 0 else str(before - 1), tail_after=str(upto - 1))
+
+    done = dict.fromkeys(users, 0)
+    for batch in range(8):
+        requests = []
+        for n, user in enumerate(users):
+            new = 1 + (n + batch) % 5
+            requests.append(request(user, done[user] + new, new, done[user]))
+        got = together.encode(requests)
+        for req, vec in zip(requests, got):
+            before = done[req.user]
+            for upto in range(before + 1, before + req.new + 1):
+                want = one_by_one.encode([request(req.user, upto, 1, upto - 1)])[0]
+            np.testing.assert_allclose(vec, want, atol=TOLERANCE)
+            done[req.user] += req.new
+    assert together.stats.misses == len(users) and together.stats.hits == 7 * len(users)
+
+
 def test_a_user_with_many_new_events_among_single_steps_is_recomputed_in_full():
-    enc, index = make_encoder()
+    enc, index = make_encoder(max_len=50)
     rng = np.random.default_rng(5)
-    hists = [history(rng, 12) for _ in range(4)]
-    inc = IncrementalEncoder(enc, index, budget_bytes=1 << 20)
-    inc.encode([EncodeRequest(f"u{n}", h[:4], new=4, tail_after="a") for n, h in enumerate(hists)])
-    # three users one event on, one user six: six rounds would cost more than its window
-    cut = [5, 5, 5, 10]
-    got = inc.encode([EncodeRequest(f"u{n}", h[:c], new=c - 4, tail_before="a", tail_after="b")
+    hists = [history(rng, 40) for _ in range(20)]
+    inc = IncrementalEncoder(enc, index, budget_bytes=1 << 22)
+    inc.encode([EncodeRequest(f"u{n}", h[:30], new=30, tail_after="a") for n, h in enumerate(hists)])
+    # nineteen users one event on, one user eight: a pass eight wide for all would cost more
+    # than recomputing that one user's window
+    cut = [31] * 19 + [38]
+    got = inc.encode([EncodeRequest(f"u{n}", h[:c], new=c - 30, tail_before="a", tail_after="b")
                       for n, (h, c) in enumerate(zip(hists, cut))])
     for n, (h, c) in enumerate(zip(hists, cut)):
-        np.testing.assert_allclose(got[n], full(enc, index, h[:c], 12), atol=TOLERANCE)
-    assert inc.stats.hits == 3 and inc.stats.misses == 4 + 1
+        np.testing.assert_allclose(got[n], full(enc, index, h[:c], 50), atol=TOLERANCE)
+    assert inc.stats.hits == 19 and inc.stats.misses == 20 + 1
+
+
+def test_a_first_visit_goes_through_the_warm_users_pass():
+    """A user whose whole history is new (no event before the batch) starts from an empty
+    ring in the step pass: the same vector as a full recompute, and no full pass runs."""
+    enc, index = make_encoder()
+    rng = np.random.default_rng(8)
+    warm, first = history(rng, 9), history(rng, 4, unknown=0.25)
+    inc = IncrementalEncoder(enc, index, budget_bytes=1 << 20)
+    inc.encode([EncodeRequest("warm", warm[:6], new=6, tail_after="5")])
+    inc._encode_full = None   # a full pass would fail
+    got = inc.encode([EncodeRequest("warm", warm, new=3, tail_before="5", tail_after="8"),
+                      EncodeRequest("first", first, new=4, tail_after="f3")])
+    np.testing.assert_allclose(got[0], full(enc, index, warm, 12), atol=TOLERANCE)
+    np.testing.assert_allclose(got[1], full(enc, index, first, 12), atol=TOLERANCE)
+    assert inc.stats.hits == 1 and inc.stats.misses == 2   # a first visit is a miss, stepped or not
+    step = inc.encode([EncodeRequest("first", first + warm[:1], new=1, tail_before="f3", tail_after="f4")])[0]
+    np.testing.assert_allclose(step, full(enc, index, first + warm[:1], 12), atol=TOLERANCE)
 
 
 def test_a_stale_entry_or_a_long_gap_falls_back_to_full_recompute():
