@@ -99,7 +99,6 @@ class CausalSelfAttention(nn.Module):
         """``angles`` [L, head_dim/2]: rotary positions; ``kv_out`` collects the keys (rotated
         by their positions) and values, which an incremental encoder caches; ``last_only``: the last position's
         output alone (keys and values still come from every position)."""
-        B, L, D = x.shape
         q, k, v = self.heads(x)
         if angles is not None:
             q, k = rotate(q, angles), rotate(k, angles)
@@ -110,7 +109,12 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
         )
-        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+        return self.merge(y)
+
+    def merge(self, y):
+        """The heads' outputs [B, H, L, head_dim] -> [B, L, D], projected (``heads``' inverse)."""
+        B, H, L, hd = y.shape
+        return self.proj(y.transpose(1, 2).reshape(B, L, H * hd))
 
 
 class FeedForward(nn.Module):
@@ -139,7 +143,12 @@ class Block(nn.Module):
 
     def forward(self, x, mask, angles=None, kv_out: list | None = None, last_only: bool = False):
         y = self.attn(x, mask, angles, kv_out, last_only)
-        x = self.ln1((x[:, -1:] if last_only else x) + self.dropout(y))
+        return self.residual(x[:, -1:] if last_only else x, y)
+
+    def residual(self, x, y):
+        """The block after attention: ``y`` (the attention's output for ``x``) added and
+        normalised, then the feed-forward likewise."""
+        x = self.ln1(x + self.dropout(y))
         return self.ln2(x + self.dropout(self.mlp(x)))
 
 

@@ -117,26 +117,17 @@ class IncrementalEncoder:
     def encode(self, requests: list[EncodeRequest]) -> np.ndarray:
         """float32 [B, dim]; a user with no known item gets a zero row."""
         out = np.zeros((len(requests), self.cfg.dim), dtype=np.float32)
-        full, steps, fresh = [], [], set()
+        full, steps, fresh, busy = [], [], set(), set()
         for n, req in enumerate(requests):
-            slot = self.slot_of.get(req.user)
-            if req.new > MAX_STEPS:
-                pass
-            elif slot is not None and self.tail[slot] == req.tail_before:
-                new = self._new_known(req)
-                if new is not None:
-                    steps.append((n, slot, new))
-                    continue
-            elif req.tail_before is None and req.new == len(req.history):
-                # the whole history is new (a first visit): its events go through the same
-                # pass as the warm users', from an empty ring, instead of a pass of their own
-                new = self._new_known(req)
-                slot = self._empty_slot(req.user, {s for _, s, _ in steps}) if new else None
-                if slot is not None:
-                    steps.append((n, slot, new))
-                    fresh.add(n)
-                    continue
-            full.append(n)
+            stepping = self._stepping(req, busy)
+            if stepping is None:
+                full.append(n)
+                continue
+            slot, new, empty = stepping
+            steps.append((n, slot, new))
+            busy.add(slot)
+            if empty:
+                fresh.add(n)
         if steps:
             steps, longer = self._cheapest_width(requests, steps, full_pass=bool(full))
             # in batch order: in a batch larger than the budget the last users keep their slots
@@ -167,6 +158,24 @@ class IncrementalEncoder:
         self.stats.bytes = self.stats.users * self.stats.slot_bytes
 
     # ------------------------------------------------------------------ incremental
+    def _stepping(self, req: EncodeRequest, busy: set[int]):
+        """(slot, new known events, from an empty ring) for a request the step pass can take,
+        else None (full recompute)."""
+        if req.new > MAX_STEPS:
+            return None
+        slot = self.slot_of.get(req.user)
+        if slot is not None and self.tail[slot] == req.tail_before:
+            new = self._new_known(req)
+            return None if new is None else (slot, new, False)
+        if req.tail_before is None and req.new == len(req.history):
+            # the whole history is new (a first visit): its events go through the same pass
+            # as the warm users', from an empty ring, instead of a pass of their own
+            new = self._new_known(req)
+            slot = self._slot_for(req.user, busy) if new else None
+            if slot is not None:
+                return slot, new, True
+        return None
+
     def _new_known(self, req: EncodeRequest):
         """(item, type, gap) ids of the new known events, or None if they cannot be stepped."""
         history, first = req.history, len(req.history) - req.new
@@ -213,21 +222,22 @@ class IncrementalEncoder:
         """Fold each user's new known events in: one pass for all users, as wide as the most
         new events (a user's events attend to its cached ring and, causally, to each other).
         Users in ``fresh`` start from an empty ring: counted as misses, not hits."""
-        width = max((len(new) for _, _, new in steps), default=0)
-        for n, slot, new in steps:
+        lengths = np.array([len(new) for _, _, new in steps])
+        slots = np.array([s for _, s, _ in steps])
+        for n, slot, _ in steps:
             self.slot_of.move_to_end(requests[n].user)
             self.tail[slot] = requests[n].tail_after
-            if n in fresh:
-                self.stats.misses += 1
-            else:
-                self.stats.hits += 1
-            self.stats.steps += len(new)
+        empty = np.array([n in fresh for n, _, _ in steps], dtype=bool)
+        self.stats.misses += int(empty.sum())
+        self.stats.hits += len(steps) - int(empty.sum())
+        self.stats.steps += int(lengths.sum())
+        if empty.any():
+            self._empty(slots[empty])
+        width = int(lengths.max(initial=0))
         ids = np.zeros((len(steps), width, 3), dtype=np.int64)   # right-padded: pads come after every real event
         for row, (_, _, new) in enumerate(steps):
             if new:
                 ids[row, :len(new)] = new
-        lengths = np.array([len(new) for _, _, new in steps])
-        slots = np.array([s for _, s, _ in steps])
         stepped = lengths > 0    # a user whose new events are all unknown items keeps its vector
         if stepped.any():
             ids_t = torch.from_numpy(ids[stepped]).to(self.device)
@@ -237,6 +247,14 @@ class IncrementalEncoder:
                 self._advance(slots[stepped], ids_t[..., 0], ids_t[..., 1], ids_t[..., 2], lengths[stepped])
         rows = np.array([n for n, _, _ in steps])
         out[rows] = self.out[torch.from_numpy(slots)].cpu().numpy()
+
+    def _empty(self, slots: np.ndarray) -> None:
+        """Slots that hold nothing: every ring position hidden (below 0), zero keys and values
+        (hidden, but 0 * NaN is NaN), no earlier inputs for the convolution."""
+        self.count[slots] = self.start[slots] = 0
+        index = torch.from_numpy(slots).to(self.device)
+        for tensor in (*self.keys, *self.values, self.recent):
+            tensor.index_fill_(0, index, 0)
 
     @torch.inference_mode()
     def _advance(self, slots: np.ndarray, items, types, gaps, lengths: np.ndarray) -> None:
@@ -281,9 +299,7 @@ class IncrementalEncoder:
             scores = (q.to(self.dtype) @ keys.transpose(-1, -2)).float() * scale
             weights = torch.softmax(scores.masked_fill_(~visible, float("-inf")), dim=-1)
             y = (weights.to(self.dtype) @ values).float()                           # [B, H, R, hd]
-            y = block.attn.proj(y.transpose(1, 2).reshape(B, R, -1))
-            x = block.ln1(x + y)
-            x = block.ln2(x + block.mlp(x))
+            x = block.residual(x, block.attn.merge(y))
             self.keys[layer][at, :, ring] = k[user, :, offset]
             self.values[layer][at, :, ring] = v[user, :, offset]
         self.out[index] = x[torch.arange(B, device=self.device), n_new - 1].float()
@@ -323,9 +339,7 @@ class IncrementalEncoder:
             scores = (q.to(self.dtype) @ keys.transpose(-1, -2)).float() * scale
             weights = torch.softmax(scores.masked_fill_(hidden, float("-inf")), dim=-1)
             y = (weights.to(self.dtype) @ values).float()                           # [B, H, 1, hd]
-            y = block.attn.proj(y.transpose(1, 2).reshape(len(slots), 1, -1))
-            x = block.ln1(x + y)
-            x = block.ln2(x + block.mlp(x))
+            x = block.residual(x, block.attn.merge(y))
         self.out[index] = x[:, 0].float()
         self.count[slots] += 1
 
@@ -387,38 +401,21 @@ class IncrementalEncoder:
             self.tail[slot] = requests[n].tail_after
 
     # ------------------------------------------------------------------ slots
-    def _empty_slot(self, user: str, busy: set[int]) -> int | None:
-        """A slot holding nothing yet for ``user`` (its own, a free one or the least recently
-        used one), or None when that one is ``busy``: stepped in this batch already."""
-        slot = self.slot_of.get(user)
-        if slot is None:
-            if self.free:
-                slot = self.free.pop()
-            else:
-                oldest, slot = next(iter(self.slot_of.items()))
-                if slot in busy:
-                    return None
-                del self.slot_of[oldest]
-                self.stats.evictions += 1
-            self.slot_of[user] = slot
-        self.count[slot] = self.start[slot] = 0   # every ring position below 0: hidden
-        for keys, values in zip(self.keys, self.values):   # hidden, but 0 * NaN is NaN
-            keys[slot] = 0
-            values[slot] = 0
-        self.recent[slot] = 0                     # no earlier inputs for the convolution
-        self.tail[slot] = None
-        return slot
-
-    def _slot_for(self, user: str) -> int:
+    def _slot_for(self, user: str, busy: set[int] | frozenset = frozenset()) -> int | None:
+        """The user's slot, else a free one, else the least recently used user's -- unless
+        that one is ``busy`` (stepped in this batch): then None."""
         slot = self.slot_of.get(user)
         if slot is not None:
             self.slot_of.move_to_end(user)
             return slot
-        if not self.free:
-            _, slot = self.slot_of.popitem(last=False)
-            self.stats.evictions += 1
-        else:
+        if self.free:
             slot = self.free.pop()
+        else:
+            oldest, slot = next(iter(self.slot_of.items()))
+            if slot in busy:
+                return None
+            del self.slot_of[oldest]
+            self.stats.evictions += 1
         self.slot_of[user] = slot
         return slot
 
