@@ -39,8 +39,8 @@ DEFAULT_BUDGET_BYTES = 1 << 30      # 1 GiB of keys/values: ~10k active users at
 MAX_STEPS = 8                       # more new known events than this in one batch: encode in full
 ROUND_COST = 40                     # a step pass's fixed cost, in positions of full-recompute work
 # a position in a step pass, in the same unit: it attends over a gathered ring, and padding
-# counts (measured, 256 wide, bf16, 1 thread: ~19-21 us per padded position at 64-256 users
-# with 4-6 new events, against ~13 us per position of a full recompute)
+# counts (a one-off measurement, 256 wide, bf16, 1 thread: ~19-21 us per padded position at
+# 64-256 users with 4-6 new events, against ~13 us per position of a full recompute)
 STEP_POSITION_COST = 1.5
 REBASE_WINDOWS = 64                 # positions move back by this many windows (3,200 at max_len 50)
 
@@ -308,8 +308,8 @@ class IncrementalEncoder:
     @torch.inference_mode()
     def _advance_one(self, slots: np.ndarray, items, types, gaps) -> None:
         """One new position for each of ``slots``: write its keys into the ring, attend over the
-        ring. The common case (one event per user per batch), ~1.4x faster than ``_advance``'s
-        general pass at 256 users (no copy of the gathered rings, no mask per position)."""
+        ring. The common case (one event per user per batch), cheaper than ``_advance``'s
+        general pass: no copy of the gathered rings beside the new keys, no mask per position."""
         enc, W = self.encoder, self.window
         self._rebase(slots)
         count = torch.from_numpy(self.count[slots]).to(self.device)                 # [B] positions
