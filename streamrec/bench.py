@@ -54,6 +54,7 @@ class E2EOptions:
     compare: list[str] = field(default_factory=list)   # baselines: "naive", "commit:<sha>"
     cache_mb: int | None = None      # the worker's --cache-mb (default: the worker's)
     lanes: int | None = None         # the worker's --lanes (default: the worker's)
+    store: str | None = None         # the worker's --store (default: the worker's)
     train_epochs: int = 3
     seed: int = 0
 
@@ -224,6 +225,8 @@ def _launcher(variant: str, options: E2EOptions, workdir: Path):
             extra += ["--cache-mb", str(options.cache_mb)]
         if options.lanes is not None:
             extra += ["--lanes", str(options.lanes)]
+        if options.store is not None:
+            extra += ["--store", options.store]
         return (lambda b, m, d, log: harness.start_worker(b, m, d, partitions=options.partitions, log_path=log,
                                                           extra=extra)), (lambda: None)
     if variant == "naive":

@@ -377,6 +377,8 @@ def bench_e2e(events: int = typer.Option(20000, help="Events per phase."),
               model: Optional[Path] = typer.Option(None, help="Model dir (default: train a small one)."),
               cache_mb: Optional[int] = typer.Option(None, help="The worker's --cache-mb (default: its own)."),
               lanes: Optional[int] = typer.Option(None, help="The worker's --lanes (default: its own)."),
+              store: Optional[str] = typer.Option(None, help="The worker's --store: rocksdb, memory or auto "
+                                                             "(default: its own)."),
               compare: str = typer.Option("", help="Baselines run after the worker, same workload: 'naive' "
                                                    "(a per-event Faust agent), 'commit:<sha>' (an earlier worker)."),
               as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
@@ -387,6 +389,8 @@ def bench_e2e(events: int = typer.Option(20000, help="Events per phase."),
         _fail(f"--workload must be one of: {', '.join(WORKLOADS)}")
     if broker_kind not in BROKER_KINDS:
         _fail(f"--broker-kind must be one of: {', '.join(BROKER_KINDS)}")
+    if store not in (None, "auto", "rocksdb", "memory"):
+        _fail("--store must be rocksdb, memory or auto")
     try:
         parsed = [None if r.strip() == "max" else float(r) for r in rates.split(",") if r.strip()]
     except ValueError:
@@ -397,7 +401,7 @@ def bench_e2e(events: int = typer.Option(20000, help="Events per phase."),
                                 partitions=partitions,
                                 max_batch=max_batch, workers=workers, model=model, broker_kind=broker_kind,
                                 guarantee=guarantee, compare=[c.strip() for c in compare.split(",") if c.strip()],
-                                cache_mb=cache_mb, lanes=lanes))
+                                cache_mb=cache_mb, lanes=lanes, store=store))
     typer.echo(json.dumps(result) if as_json else render(result))
 
 

@@ -51,6 +51,17 @@ def test_train_rejects_a_width_the_heads_do_not_divide(shop_log, tmp_path):
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--store", "disk"], "--store must be"),
+    (["--rates", "max,fast"], "--rates takes"),
+    (["--workload", "huge"], "--workload must be one of"),
+])
+def test_bench_e2e_rejects_bad_options_before_starting_anything(args, message):
+    result = runner.invoke(app, ["bench", "e2e", *args])
+    assert result.exit_code == 2
+    assert message in result.output
+
+
 @pytest.mark.integration
 def test_replay_then_lag_json(broker, shop_log):
     result = runner.invoke(app, ["replay", str(shop_log), "--broker", broker.bootstrap, "--topic", "cli-events",
