@@ -215,7 +215,7 @@ class IncrementalEncoder:
             costs.append((self.round_cost + STEP_POSITION_COST * r * (~full).sum() if r else 0)
                          + windows[full].sum() + (self.round_cost if full.any() and not full_pass else 0))
         best = int(np.argmin(costs))
-        keep = (counts <= best) | (counts == 0)   # no known new event: nothing to compute
+        keep = counts <= best   # a user with no known new event (0) is always kept: nothing to compute
         return [s for s, k in zip(steps, keep) if k], [n for (n, _, _), k in zip(steps, keep) if not k]
 
     def _step(self, requests, steps, out: np.ndarray, fresh: set[int]) -> None:
@@ -276,8 +276,7 @@ class IncrementalEncoder:
         held = (count - 1)[:, None] - ((count - 1)[:, None] - self._ring[None, :]) % W   # [B, W]
         old = (held[:, None, :] >= start[:, None, None]) & (held[:, None, :] > positions[:, :, None] - W)
         causal = torch.ones(R, R, dtype=torch.bool, device=self.device).tril()
-        visible = torch.cat([old, causal.expand(B, R, R)], -1)[:, None]              # [B, 1, R, W + R]
-        scale = self.cfg.head_dim ** -0.5
+        hidden = ~torch.cat([old, causal.expand(B, R, R)], -1)[:, None]              # [B, 1, R, W + R]
         x = enc.embed(items, types, gaps)                                            # [B, R, D]
         if self.before:
             window = torch.cat([self.recent[index].to(x.dtype), x], 1)              # [B, K - 1 + R, D]
@@ -296,9 +295,7 @@ class IncrementalEncoder:
             # faster than of float32 ones here), then the new keys beside them
             keys = torch.cat([self.keys[layer].index_select(0, index), k], 2)        # [B, H, W + R, hd]
             values = torch.cat([self.values[layer].index_select(0, index), v], 2)
-            scores = (q.to(self.dtype) @ keys.transpose(-1, -2)).float() * scale
-            weights = torch.softmax(scores.masked_fill_(~visible, float("-inf")), dim=-1)
-            y = (weights.to(self.dtype) @ values).float()                           # [B, H, R, hd]
+            y = self._attend(q, keys, values, hidden)                                # [B, H, R, hd]
             x = block.residual(x, block.attn.merge(y))
             self.keys[layer][at, :, ring] = k[user, :, offset]
             self.values[layer][at, :, ring] = v[user, :, offset]
@@ -320,7 +317,6 @@ class IncrementalEncoder:
         # the position each ring slot holds once the new event is in; below `start`: padding
         held = count[:, None] - (count[:, None] - self._ring[None, :]) % W
         hidden = (held < start[:, None])[:, None, None, :]                           # [B, 1, 1, W]
-        scale = self.cfg.head_dim ** -0.5
         x = enc.embed(items, types, gaps)[:, None, :]                                # [B, 1, D]
         if self.before:
             window = torch.cat([self.recent[index].to(x.dtype), x], 1)              # [B, K, D]
@@ -336,12 +332,17 @@ class IncrementalEncoder:
             # of bf16 rows ran 10x faster than of float32 ones here) and two small products
             keys = self.keys[layer].index_select(0, index)
             values = self.values[layer].index_select(0, index)
-            scores = (q.to(self.dtype) @ keys.transpose(-1, -2)).float() * scale
-            weights = torch.softmax(scores.masked_fill_(hidden, float("-inf")), dim=-1)
-            y = (weights.to(self.dtype) @ values).float()                           # [B, H, 1, hd]
+            y = self._attend(q, keys, values, hidden)                                # [B, H, 1, hd]
             x = block.residual(x, block.attn.merge(y))
         self.out[index] = x[:, 0].float()
         self.count[slots] += 1
+
+    def _attend(self, q, keys, values, hidden):
+        """Attention of queries q [B, H, R, hd] (float32) over gathered keys and values [B, H, S, hd]
+        (cache dtype), ``hidden`` [B, 1, R or 1, S] masked out; float32 [B, H, R, hd]."""
+        scores = (q.to(self.dtype) @ keys.transpose(-1, -2)).float() * self.cfg.head_dim ** -0.5
+        weights = torch.softmax(scores.masked_fill_(hidden, float("-inf")), dim=-1)
+        return (weights.to(self.dtype) @ values).float()
 
     def _rebase(self, slots: np.ndarray) -> None:
         """Move far-advanced users' positions (and keys) back by a multiple of the window."""

@@ -22,6 +22,7 @@ STATE_VERSION = 2        # 1: a map with the event ids themselves (still read)
 MAX_EVENTS = 50          # history length kept per user (the encoder reads at most this many)
 MAX_PURCHASED = 200      # purchased items remembered for the "never recommend again" filter
 MAX_EVENT_IDS = 200      # recently applied event ids remembered for de-duplication
+STORES = ("auto", "rocksdb", "memory")   # where the state table keeps its rows; auto: rocksdb if installed
 
 
 def event_digest(event_id: str) -> int:
@@ -82,6 +83,17 @@ class UserState:
                        [event_digest(i) for i in msg["event_ids"]], msg["last_event_id"], msg["last_event_ts"])
         version = msg[0] if isinstance(msg, list) and msg else msg.get("v") if isinstance(msg, dict) else None
         raise ValueError(f"unsupported user state version {version!r}")
+
+
+def store_url(choice: str) -> str:
+    """Faust's store URL for one of STORES."""
+    if choice == "auto":
+        try:
+            import rocksdict  # noqa: F401
+            choice = "rocksdb"
+        except ImportError:
+            choice = "memory"
+    return f"{choice}://"
 
 
 class StateTable:

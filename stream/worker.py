@@ -33,7 +33,7 @@ from stream.intake import RecordIntake
 from stream.pipeline import BatchPipeline
 from model.incremental import DEFAULT_BUDGET_BYTES
 from stream.recommender import Recommender
-from stream.state import StateTable
+from stream.state import StateTable, store_url
 
 log = logging.getLogger(__name__)
 
@@ -98,16 +98,6 @@ class BrokerUnavailable(RuntimeError):
 
 class GuaranteeUnsupported(RuntimeError):
     """``exactly_once`` asked of a broker without transactions."""
-
-
-def store_url(choice: str) -> str:
-    if choice == "auto":
-        try:
-            import rocksdict  # noqa: F401
-            choice = "rocksdb"
-        except ImportError:
-            choice = "memory"
-    return f"{choice}://"
 
 
 async def prepare_broker(settings: WorkerSettings) -> compat.BrokerProfile:

@@ -208,10 +208,11 @@ def worker(broker: str = typer.Option(..., help="Kafka bootstrap HOST:PORT."),
     from index.rerank import RerankConfig
     from stream.compat import TopicMismatch
     from stream.delivery import GUARANTEES
+    from stream.state import STORES
     from stream.worker import BrokerUnavailable, GuaranteeUnsupported, WorkerSettings, run_worker
 
-    if store not in ("auto", "rocksdb", "memory"):
-        _fail("--store must be rocksdb, memory or auto")
+    if store not in STORES:
+        _fail(f"--store must be one of: {', '.join(STORES)}")
     if guarantee not in GUARANTEES:
         _fail(f"--guarantee must be one of: {', '.join(GUARANTEES)}")
     from stream.variants import parse_variant
@@ -383,14 +384,15 @@ def bench_e2e(events: int = typer.Option(20000, help="Events per phase."),
                                                    "(a per-event Faust agent), 'commit:<sha>' (an earlier worker)."),
               as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
     """End to end through a real broker: events/s and p50/p99 latency (produced_ts - event ts)."""
+    from stream.state import STORES
     from streamrec.bench import BROKER_KINDS, WORKLOADS, E2EOptions, render, run_e2e
 
     if workload not in WORKLOADS:
         _fail(f"--workload must be one of: {', '.join(WORKLOADS)}")
     if broker_kind not in BROKER_KINDS:
         _fail(f"--broker-kind must be one of: {', '.join(BROKER_KINDS)}")
-    if store not in (None, "auto", "rocksdb", "memory"):
-        _fail("--store must be rocksdb, memory or auto")
+    if store is not None and store not in STORES:
+        _fail(f"--store must be one of: {', '.join(STORES)}")
     try:
         parsed = [None if r.strip() == "max" else float(r) for r in rates.split(",") if r.strip()]
     except ValueError:
