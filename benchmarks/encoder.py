@@ -7,6 +7,7 @@ the index then runs on faiss-gpu if installed, else as torch's exact search).
     python benchmarks/encoder.py                       # CPU: fp32 and bf16, batch 512
     python benchmarks/encoder.py --device cuda --batch 4096 --index-items 50000 1000000
     python benchmarks/encoder.py --convs none input   # what the input convolution costs
+    python benchmarks/encoder.py --pass-users 1 8 64 --lengths --bursts --index-items   # a small pass's cost
 
 Weights are random (speed does not depend on them); the width and depth are the recipe's.
 """
@@ -19,6 +20,7 @@ import time
 import numpy as np
 import torch
 
+from model.artifact import bf16_is_fast
 from model.encoder import EncoderConfig, SequenceEncoder
 from model.incremental import EncodeRequest, IncrementalEncoder
 
@@ -72,8 +74,6 @@ def bench_encoder(cfg: EncoderConfig, device: torch.device, batch: int, length: 
 def bench_burst(cfg: EncoderConfig, device: torch.device, batch: int, length: int, burst: int, repeat: int):
     """Users/s for warm users with ``burst`` new events each (bf16 where fast): all in one
     pass, against the same events as ``burst`` one-event batches in a row."""
-    from model.artifact import bf16_is_fast
-
     torch.manual_seed(0)
     enc = SequenceEncoder(cfg).to(device).eval()
     index = {f"i{n}": n for n in range(1, cfg.n_items + 1)}
@@ -106,6 +106,30 @@ def bench_burst(cfg: EncoderConfig, device: torch.device, batch: int, length: in
     return one_pass, one_by_one
 
 
+def bench_pass(cfg: EncoderConfig, device: torch.device, users: int, repeat: int):
+    """Microseconds per one-event pass of ``users`` warm users (L 30), bf16: the serving
+    encoder's linear weights cast to bf16 once, against autocast casting them on every pass."""
+    torch.manual_seed(0)
+    enc = SequenceEncoder(cfg).to(device).eval()
+    index = {f"i{n}": n for n in range(1, cfg.n_items + 1)}
+    hist = histories(np.random.default_rng(0), users, 30, cfg.n_items)
+    names = [f"u{n}" for n in range(users)]
+    out = []
+    for cast_once in (True, False):
+        inc = IncrementalEncoder(enc, index, budget_bytes=1 << 30, device=device, dtype=torch.bfloat16, bf16=True)
+        if not cast_once:
+            inc.encoder = enc   # the float32 weights: autocast casts them in each pass
+        inc.encode([EncodeRequest(u, h[:30], new=30, tail_after="0") for u, h in zip(names, hist)])
+        step = [0]
+
+        def one():
+            step[0] += 1
+            inc.encode([EncodeRequest(u, h[:30], new=1, tail_before=str(step[0] - 1), tail_after=str(step[0]))
+                        for u, h in zip(names, hist)])
+        out.append(timed(one, repeat) * 1e6)
+    return out
+
+
 def bench_index(dim: int, n_items: int, batch: int, device: torch.device, repeat: int, k: int = 100):
     """Candidate queries/s of the index "auto" builds for `n_items` (on the GPU when `device` is
     CUDA: faiss-gpu if installed, else torch's exact search), and of exact search."""
@@ -130,14 +154,17 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--items", type=int, default=50_000)
-    p.add_argument("--index-items", type=int, nargs="+", default=None,
-                   help="catalogue sizes for the index queries/s (default: --items)")
+    p.add_argument("--index-items", type=int, nargs="*", default=None,
+                   help="catalogue sizes for the index queries/s (default: --items; none: skip)")
     p.add_argument("--dim", type=int, default=EncoderConfig.dim)
     p.add_argument("--convs", nargs="+", choices=list(CONVS), default=[RECIPE_CONVS],
                    help="with and without the recipe's input convolution, to compare its serving cost")
-    p.add_argument("--lengths", type=int, nargs="+", default=[10, 50])
-    p.add_argument("--bursts", type=int, nargs="+", default=[4],
+    p.add_argument("--lengths", type=int, nargs="*", default=[10, 50])
+    p.add_argument("--bursts", type=int, nargs="*", default=[4],
                    help="new events per warm user in one batch (at L = 30), one pass vs one batch per event")
+    p.add_argument("--pass-users", type=int, nargs="*", default=[],
+                   help="warm users in one one-event pass: its microseconds, linear weights cast to bf16 once "
+                        "vs by autocast in every pass (where bf16 is fast)")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args()
@@ -146,7 +173,8 @@ def main() -> None:
     device = torch.device(args.device)
     print(f"device {device}, batch {args.batch}, {args.items:,} items, dim {args.dim}, "
           f"torch threads {torch.get_num_threads()}")
-    print(f"{'L':>4} {'convs':>6} {'dtype':>6} {'incremental vec/s':>18} {'full vec/s':>12} {'ratio':>7}")
+    if args.lengths:
+        print(f"{'L':>4} {'convs':>6} {'dtype':>6} {'incremental vec/s':>18} {'full vec/s':>12} {'ratio':>7}")
     for length in args.lengths:
         for convs in args.convs:
             cfg = EncoderConfig(n_items=args.items, dim=args.dim, max_len=max(50, length + 1), **CONVS[convs])
@@ -159,7 +187,14 @@ def main() -> None:
         one_pass, one_by_one = bench_burst(cfg, device, args.batch, 30, burst, args.repeat)
         print(f"burst of {burst} events per warm user (L 30): one pass {one_pass:,.0f} users/s, "
               f"one batch per event {one_by_one:,.0f} users/s ({one_pass / one_by_one:.1f}x)")
-    for n_items in args.index_items or [args.items]:
+    if args.pass_users and not bf16_is_fast(device):
+        print("--pass-users: bf16 is not fast here (the encoder serves in float32); skipped")
+    for users in args.pass_users if bf16_is_fast(device) else []:
+        cfg = EncoderConfig(n_items=args.items, dim=args.dim)
+        once, each = bench_pass(cfg, device, users, max(args.repeat, 200 // users))
+        print(f"one-event pass of {users} warm users (L 30, bf16): {once:,.0f} us with the weights cast once, "
+              f"{each:,.0f} us cast in every pass")
+    for n_items in [args.items] if args.index_items is None else args.index_items:
         for kind, backend, qps in bench_index(args.dim, n_items, args.batch, device, args.repeat):
             print(f"index {n_items:>9,} items, {kind:>4} on {backend:>10}: {qps:>10,.0f} queries/s "
                   f"(k=100, batch {args.batch})")

@@ -24,6 +24,7 @@ keys, a little of the events older than the window that a full recompute cannot 
 
 from __future__ import annotations
 
+import copy
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, fields
@@ -43,6 +44,23 @@ ROUND_COST = 40                     # a step pass's fixed cost, in positions of 
 # 64-256 users with 4-6 new events, against ~13 us per position of a full recompute)
 STEP_POSITION_COST = 1.5
 REBASE_WINDOWS = 64                 # positions move back by this many windows (3,200 at max_len 50)
+
+
+def with_bf16_linears(encoder: SequenceEncoder) -> SequenceEncoder:
+    """``encoder`` with its blocks' linear layers in bf16, for passes under bf16 autocast.
+
+    Autocast casts every float32 weight to bf16 again on each pass (a pass is one call); cast
+    once instead, the numbers are the same and a small pass is ~0.1 ms cheaper (256 wide, 2
+    layers, 1 thread: ~0.78 against ~0.88 ms for one user, `benchmarks/encoder.py --pass-users`).
+    Only the blocks are copied (~3 MB at 256 wide); the embeddings and the rest stay shared.
+    """
+    serving = copy.copy(encoder)
+    serving._modules = dict(encoder._modules)   # so that replacing blocks leaves ``encoder`` alone
+    serving.blocks = copy.deepcopy(encoder.blocks)
+    for module in serving.blocks.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.to(torch.bfloat16)
+    return serving
 
 
 @dataclass
@@ -83,7 +101,7 @@ class IncrementalEncoder:
         cfg = encoder.cfg
         if cfg.positions != "rope":
             raise ValueError("incremental encoding needs rotary positions (a model trained with positions='rope')")
-        self.encoder = encoder.eval()
+        self.encoder = with_bf16_linears(encoder.eval()) if bf16 else encoder.eval()
         self.token_index = token_index
         self.cfg = cfg
         self.device = device or next(encoder.parameters()).device

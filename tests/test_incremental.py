@@ -191,6 +191,27 @@ def test_bf16_serving_stays_close_to_fp32(device):
     assert cos > 0.99, cos
 
 
+def test_bf16_weights_cast_once_give_what_autocast_gives_and_leave_the_model_alone():
+    enc, index = make_encoder()
+    rng = np.random.default_rng(7)
+    hists = [history(rng, 10) for _ in range(3)]
+    outs = []
+    for cast_once in (True, False):
+        inc = IncrementalEncoder(enc, index, budget_bytes=1 << 20, dtype=torch.bfloat16, bf16=True)
+        if not cast_once:
+            inc.encoder = enc   # autocast casts the float32 weights in every pass
+        first = inc.encode([EncodeRequest(f"u{n}", h[:7], new=7, tail_after="6") for n, h in enumerate(hists)])
+        then = inc.encode([EncodeRequest(f"u{n}", h, new=3, tail_before="6", tail_after="9")
+                           for n, h in enumerate(hists)])
+        outs.append((first, then))
+    for got, expected in zip(outs[0], outs[1]):
+        np.testing.assert_array_equal(got, expected)
+    serving = IncrementalEncoder(enc, index, budget_bytes=1 << 20, dtype=torch.bfloat16, bf16=True).encoder
+    assert serving.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in enc.parameters())   # the model itself is not touched
+    assert serving.item_emb.weight is enc.item_emb.weight            # the embeddings are not copied
+
+
 @pytest.mark.parametrize("lanes, threaded", [(1, False), (2, False), (2, True)])
 def test_recommender_lists_from_the_cache_equal_full_recomputation(tiny_model, tiny_shop, lanes, threaded,
                                                                    monkeypatch):
