@@ -55,7 +55,8 @@ def main() -> None:
             artifact = train(path, dataclasses.replace(TrainConfig(), seed=seed, threads=args.threads), out, progress=True)
             test = artifact.metadata["metrics"]["test"]
             rows.append({"dataset": ds, "seed": seed, **test, "train_seconds": artifact.metadata["train_seconds"],
-                         "best_epoch": artifact.metadata["best_epoch"], "epochs": artifact.metadata["epochs_run"],
+                         "best_epoch": artifact.metadata["best_epoch"], "weights": artifact.metadata["weights"],
+                         "epochs": artifact.metadata["epochs_run"],
                          "wall_seconds": round(time.time() - t0, 1), "model": str(out)})
             print_table(rows)
     args.out.mkdir(parents=True, exist_ok=True)

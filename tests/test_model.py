@@ -12,7 +12,7 @@ from model.artifact import ModelArtifact
 from model.data import EVENT_TYPES, TYPE_ID, featurize, gap_bucket, leave_one_out, load_log
 from model.encoder import EncoderConfig, SequenceEncoder
 from model.evaluate import evaluate, evaluate_popularity
-from model.train import TrainConfig, train
+from model.train import TailAverage, TrainConfig, train
 
 
 def events(n_users=3, per_user=4):
@@ -254,6 +254,29 @@ def test_artifact_round_trip(trained):
     scores = loaded.encode([[("item7", None, None), ("item8", None, None)]]) @ loaded.item_embeddings().T
     top = [loaded.items[i] for i in np.argsort(-scores[0])[:3]]
     assert "item9" in top
+
+
+def test_the_served_weights_are_the_mean_of_the_schedules_tail(trained):
+    _, _, artifact = trained
+    assert artifact.metadata["weights"].startswith("mean of the last")
+    steps = int(artifact.metadata["weights"].split()[4])
+    # 300 users in batches of 64 for 20 epochs: the last 30% of the 100 steps
+    assert steps == pytest.approx(30, abs=2)
+
+
+def test_tail_average_is_the_mean_of_the_weights_it_saw():
+    layer = torch.nn.Linear(3, 2)
+    tail = TailAverage(layer)
+    seen = []
+    for value in (1.0, 2.0, 6.0):
+        with torch.no_grad():
+            layer.weight.fill_(value)
+        seen.append(layer.weight.detach().clone())
+        tail.update()
+    state = tail.state_dict()
+    torch.testing.assert_close(state["weight"], torch.stack(seen).mean(0))
+    assert torch.equal(layer.weight, seen[-1])   # the module keeps its own weights
+    assert state["bias"].shape == layer.bias.shape
 
 
 def test_max_minutes_stops_cleanly(tmp_path):
