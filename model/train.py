@@ -1,8 +1,8 @@
 """Training: one recipe, one visible loop.
 
-Leave-one-out: the model trains on all but each user's last two events, picks its best epoch
-by validation NDCG@10 (second-last event), and reports test metrics (last event) once, at the
-end. The loss is full softmax cross-entropy over all items at every position, with tied
+Leave-one-out: the model trains on all but each user's last two events, watches validation
+NDCG@10 (second-last event) for early stopping, serves the mean of its weights over the end of
+the schedule, and reports test metrics (last event) once, at the end. The loss is full softmax cross-entropy over all items at every position, with tied
 input/output item embeddings; the recipe's hyper-parameters are the dataclass defaults.
 """
 
