@@ -8,6 +8,7 @@ the index then runs on faiss-gpu if installed, else as torch's exact search).
     python benchmarks/encoder.py --device cuda --batch 4096 --index-items 50000 1000000
     python benchmarks/encoder.py --convs none input   # what the input convolution costs
     python benchmarks/encoder.py --pass-users 1 8 64 --lengths --bursts --index-items   # a small pass's cost
+    python benchmarks/encoder.py --full-chunks 64 128 512 --lengths --bursts --index-items   # misses' pass size
 
 Weights are random (speed does not depend on them); the width and depth are the recipe's.
 """
@@ -20,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from model.artifact import bf16_is_fast
+from model.artifact import bf16_is_fast, keep_freed_memory
 from model.encoder import EncoderConfig, SequenceEncoder
 from model.incremental import EncodeRequest, IncrementalEncoder
 
@@ -130,10 +131,41 @@ def bench_pass(cfg: EncoderConfig, device: torch.device, users: int, repeat: int
     return out
 
 
+def bench_full_chunks(cfg: EncoderConfig, device: torch.device, users: int, chunks: list[int], repeat: int):
+    """Microseconds per user of full recomputes (L 50, bf16 where fast) of ``users`` users new to
+    the cache, in passes of each of ``chunks`` users (model.incremental.FULL_CHUNK); best of
+    ``repeat`` rounds, the chunk sizes alternating within each round."""
+    from model import incremental
+
+    torch.manual_seed(0)
+    enc = SequenceEncoder(cfg).to(device).eval()
+    index = {f"i{n}": n for n in range(1, cfg.n_items + 1)}
+    hist = histories(np.random.default_rng(0), users, 50, cfg.n_items)
+    bf16 = bf16_is_fast(device)
+    inc = IncrementalEncoder(enc, index, budget_bytes=1 << 34, device=device,
+                             dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16)
+    requests = [EncodeRequest(f"u{n}", h, new=len(h), tail_after="0") for n, h in enumerate(hist)]
+    best = dict.fromkeys(chunks, float("inf"))
+    default = incremental.FULL_CHUNK
+    try:
+        for round_ in range(repeat + 1):   # round 0 warms up
+            for chunk in chunks:
+                incremental.FULL_CHUNK = chunk
+                inc.clear()
+                started = time.perf_counter()
+                inc.encode(requests)
+                if round_:
+                    best[chunk] = min(best[chunk], time.perf_counter() - started)
+    finally:
+        incremental.FULL_CHUNK = default
+    return {chunk: seconds / users * 1e6 for chunk, seconds in best.items()}
+
+
 def bench_index(dim: int, n_items: int, batch: int, device: torch.device, repeat: int, k: int = 100):
     """Candidate queries/s of the index "auto" builds for `n_items` (on the GPU when `device` is
-    CUDA: faiss-gpu if installed, else torch's exact search), and of exact search."""
-    from index.item_index import ItemIndex
+    CUDA: faiss-gpu if installed, else torch's exact search), and of exact search; exact search
+    on the CPU (torch) beside faiss-cpu's own flat index, which it replaced."""
+    from index.item_index import ItemIndex, TorchExactIP
 
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(64, dim)).astype(np.float32)
@@ -146,6 +178,9 @@ def bench_index(dim: int, n_items: int, batch: int, device: torch.device, repeat
         index = ItemIndex.build(items, kind=kind, use_gpu=device.type == "cuda")
         seconds = timed(lambda: index.search(queries, k), repeat)
         out.append((index.info.kind, index.backend, batch / seconds))
+        if isinstance(index._index, TorchExactIP) and index._index.device.type == "cpu":
+            seconds = timed(lambda: index._index.flat.search(queries, k), repeat)
+            out.append(("flat", "faiss-cpu", batch / seconds))
     return out
 
 
@@ -165,14 +200,19 @@ def main() -> None:
     p.add_argument("--pass-users", type=int, nargs="*", default=[],
                    help="warm users in one one-event pass: its microseconds, linear weights cast to bf16 once "
                         "vs by autocast in every pass (where bf16 is fast)")
+    p.add_argument("--full-chunks", type=int, nargs="*", default=[],
+                   help="users per full-recompute pass: microseconds per user of --batch users new to the cache")
+    p.add_argument("--glibc-defaults", action="store_true",
+                   help="leave malloc's defaults (the worker keeps freed memory: model.artifact.keep_freed_memory)")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    kept = False if args.glibc_defaults else keep_freed_memory()
     print(f"device {device}, batch {args.batch}, {args.items:,} items, dim {args.dim}, "
-          f"torch threads {torch.get_num_threads()}")
+          f"torch threads {torch.get_num_threads()}, malloc {'keeps freed memory' if kept else 'defaults'}")
     if args.lengths:
         print(f"{'L':>4} {'convs':>6} {'dtype':>6} {'incremental vec/s':>18} {'full vec/s':>12} {'ratio':>7}")
     for length in args.lengths:
@@ -195,6 +235,11 @@ def main() -> None:
             once, each = bench_pass(cfg, device, users, max(args.repeat, 200 // users))
             print(f"one-event pass of {users} warm users (L 30, bf16): {once:,.0f} us with the weights cast "
                   f"once, {each:,.0f} us cast in every pass")
+    if args.full_chunks:
+        cfg = EncoderConfig(n_items=args.items, dim=args.dim)
+        per_user = bench_full_chunks(cfg, device, args.batch, args.full_chunks, args.repeat)
+        print(f"full recompute of {args.batch} users (L 50), passes of " + ", ".join(
+            f"{chunk}: {us:,.0f} us/user" for chunk, us in per_user.items()))
     for n_items in [args.items] if args.index_items is None else args.index_items:
         for kind, backend, qps in bench_index(args.dim, n_items, args.batch, device, args.repeat):
             print(f"index {n_items:>9,} items, {kind:>4} on {backend:>10}: {qps:>10,.0f} queries/s "

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from model.artifact import ModelArtifact
+from model.artifact import ModelArtifact, keep_freed_memory
 from model.encoder import EncoderConfig, SequenceEncoder
 from stream.recommender import Recommender
 from streamrec.synthetic import ScaleShop, ScaleSpec, item_id, preloaded_state
@@ -42,7 +42,11 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=8, help="batches per run")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each, alternating")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (per lane)")
+    parser.add_argument("--glibc-defaults", action="store_true",
+                        help="leave malloc's defaults (the worker keeps freed memory: model.artifact.keep_freed_memory)")
     args = parser.parse_args()
+    if not args.glibc_defaults:
+        keep_freed_memory()
     torch.set_num_threads(args.threads)
     if args.model == "random":
         args.model = random_model(tempfile.mkdtemp(prefix="streamrec-random-model-"))

@@ -43,6 +43,11 @@ ROUND_COST = 40                     # a step pass's fixed cost, in positions of 
 # counts (a one-off measurement, 256 wide, bf16, 1 thread: ~19-21 us per padded position at
 # 64-256 users with 4-6 new events, against ~13 us per position of a full recompute)
 STEP_POSITION_COST = 1.5
+# users per full-recompute pass: a pass's activations (~26 MB at 128 users of 50 events, 256
+# wide) stay in the caches and the heap; 512 users in passes of 128 took 565-810 us per user
+# against 657-904 in one pass (bf16, 1 thread, 6 alternating runs: benchmarks/encoder.py
+# --full-chunks 128 512)
+FULL_CHUNK = 128
 REBASE_WINDOWS = 64                 # positions move back by this many windows (3,200 at max_len 50)
 
 
@@ -156,8 +161,9 @@ class IncrementalEncoder:
         with self.autocast:
             if steps:
                 self._step(requests, steps, out, fresh)
-            if full:
-                self._encode_full([requests[n] for n in full], full, out)
+            for first in range(0, len(full), FULL_CHUNK):
+                part = full[first:first + FULL_CHUNK]
+                self._encode_full([requests[n] for n in part], part, out)
         self._count_users()
         return out
 

@@ -31,6 +31,7 @@ from stream.events import (DLQ_TOPIC, EVENTS_TOPIC, ITEMS_TOPIC, RECOMMENDATIONS
                            decode_item, encode_dead_letter)
 from stream.intake import RecordIntake
 from stream.pipeline import BatchPipeline
+from model.artifact import keep_freed_memory
 from model.incremental import DEFAULT_BUDGET_BYTES
 from stream.recommender import Recommender
 from stream.state import StateTable, store_url
@@ -252,6 +253,7 @@ def run_worker(settings: WorkerSettings, loglevel: str = "info") -> None:
         raise ValueError(f"--guarantee must be one of {', '.join(GUARANTEES)}")
     torch.set_num_threads(settings.torch_threads)
     faiss.omp_set_num_threads(settings.torch_threads)
+    keep_freed_memory()
     if settings.variants:   # fails fast on a bad model path, like a single model
         from stream.variants import VariantRecommender
 

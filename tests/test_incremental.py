@@ -291,6 +291,31 @@ def test_a_batch_larger_than_the_budget_still_encodes_everyone():
     assert inc.stats.hits == 1 and np.isfinite(step).all()
 
 
+def test_full_recomputes_in_passes_of_a_few_users_equal_one_pass(monkeypatch):
+    """Misses are recomputed FULL_CHUNK users at a time: the vectors and the cached keys each
+    user's next step attends to are those of one pass over everyone."""
+    from model import incremental
+
+    enc, index = make_encoder()
+    rng = np.random.default_rng(8)
+    hists = [history(rng, length) for length in (12, 10, 11, 12, 9)]   # more new events than MAX_STEPS
+    nxt = [history(rng, 1) for _ in hists]
+
+    def run(chunk):
+        monkeypatch.setattr(incremental, "FULL_CHUNK", chunk)
+        inc = IncrementalEncoder(enc, index, budget_bytes=1 << 20)
+        first = inc.encode([EncodeRequest(f"u{n}", h, new=len(h), tail_after="a") for n, h in enumerate(hists)])
+        assert inc.stats.misses == len(hists) and inc.stats.hits == 0
+        then = inc.encode([EncodeRequest(f"u{n}", h + e, new=1, tail_before="a", tail_after="b")
+                           for n, (h, e) in enumerate(zip(hists, nxt))])
+        assert inc.stats.hits == len(hists)
+        return first, then
+
+    (first, then), (one_first, one_then) = run(2), run(128)
+    np.testing.assert_allclose(first, one_first, atol=1e-6)
+    np.testing.assert_allclose(then, one_then, atol=1e-6)
+
+
 def test_cache_counters_are_running_totals_across_a_hot_swap(tiny_model):
     from stream.recommender import Recommender, ServingModel
     from stream.state import UserState

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch
 from index import item_index as item_index_module
 from index.catalogue import Catalogue
 from index.cold_start import AttributeEmbedder
-from index.item_index import ItemIndex, recall_at_k
+from index.item_index import IndexInfo, ItemIndex, recall_at_k
 from index.trending import EVENT_WEIGHTS, Trending, event_weights
 
 DIM = 16
@@ -64,8 +65,11 @@ def test_torch_exact_search_agrees_with_faiss(monkeypatch, tmp_path, device):
     flat index finds, in chunks of queries, pads past the catalogue, adds rows and saves."""
     vectors, _ = clustered(3000)
     queries = item_index_module.tuning_queries(vectors, 300, seed=3)
-    reference = ItemIndex.build(vectors, kind="flat", use_gpu=False)
+    reference = ItemIndex(faiss.IndexFlatIP(vectors.shape[1]), IndexInfo("flat", vectors.shape[1]))
+    reference.add(vectors)
+    assert reference.backend == "faiss-cpu"
     index = ItemIndex.build(vectors, kind="flat", use_gpu=False)
+    assert index.backend == "torch-cpu"   # exact search on the CPU runs through torch
     index.to_torch(device)
     assert index.backend == f"torch-{device}" and len(index) == 3000
     monkeypatch.setattr(item_index_module, "TORCH_SCORE_CHUNK", 3000 * 64)   # 64 queries a chunk
@@ -83,7 +87,8 @@ def test_torch_exact_search_agrees_with_faiss(monkeypatch, tmp_path, device):
     assert (rows[:, 3:] == -1).all() and np.isneginf(scores[:, 3:]).all() and (rows[:, :3] >= 0).all()
     index.save(tmp_path / "items.faiss")
     loaded = ItemIndex.load(tmp_path / "items.faiss", use_gpu=False)
-    assert loaded.backend == "faiss-cpu" and len(loaded) == 3005
+    assert loaded.backend == "torch-cpu" and len(loaded) == 3005
+    np.testing.assert_array_equal(loaded.search(new, 1)[1][:, 0], np.arange(3000, 3005))
     with pytest.raises(ValueError, match="only a flat index"):
         ItemIndex.build(vectors, kind="hnsw", use_gpu=False).to_torch(device)
 
