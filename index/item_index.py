@@ -25,10 +25,10 @@ recall (1.4x exact). HNSW (on the L2 reduction; natively on inner product it pla
 there, so kind="hnsw" stays available (efSearch tuned like nprobe) but "auto" never picks it.
 
 Exact search on the CPU runs through torch too (`TorchExactIP`, the faiss index stays the
-authority for saving and adding): one matrix product and torch's top-k were 2-5x faster than
-faiss-cpu's `IndexFlatIP` at k = 100, 256 wide, 1 thread (12k items: 113-171 against 238-598
-us per query at batches of 16-512; 50k items: 393-675 against 995-2,286), the same rows but for
-near-ties (/tmp scratch measurement; `python benchmarks/encoder.py --index-items` reports both).
+authority for saving and adding): one matrix product and torch's top-k, k = 100, 256 wide, 1
+thread, batches of 137 queries: 5,460 queries/s against faiss-cpu's `IndexFlatIP`'s 1,600 at 12k
+items, 1,744 against 395 at 50k (`python benchmarks/encoder.py --threads 1 --lengths --bursts
+--batch 137 --index-items 12101 50000` reports both); the same rows but for near-ties.
 
 On a GPU: a faiss build with GPU support takes flat and IVF indexes to the device. PyPI's
 faiss-cpu has none, but the CUDA torch that streamrec already needs does exact search as one
