@@ -39,6 +39,12 @@ def histories(rng, users: int, length: int, n_items: int):
     return out
 
 
+def random_encoder(cfg: EncoderConfig, device: torch.device):
+    """The recipe's encoder with seeded random weights, and its item -> token index."""
+    torch.manual_seed(0)
+    return SequenceEncoder(cfg).to(device).eval(), {f"i{n}": n for n in range(1, cfg.n_items + 1)}
+
+
 def timed(fn, repeat: int) -> float:
     fn()  # warm up (allocations, kernels)
     started = time.perf_counter()
@@ -50,9 +56,7 @@ def timed(fn, repeat: int) -> float:
 
 
 def bench_encoder(cfg: EncoderConfig, device: torch.device, batch: int, length: int, bf16: bool, repeat: int):
-    torch.manual_seed(0)
-    enc = SequenceEncoder(cfg).to(device).eval()
-    index = {f"i{n}": n for n in range(1, cfg.n_items + 1)}
+    enc, index = random_encoder(cfg, device)
     rng = np.random.default_rng(0)
     hist = histories(rng, batch, length, cfg.n_items)
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -75,9 +79,7 @@ def bench_encoder(cfg: EncoderConfig, device: torch.device, batch: int, length: 
 def bench_burst(cfg: EncoderConfig, device: torch.device, batch: int, length: int, burst: int, repeat: int):
     """Users/s for warm users with ``burst`` new events each (bf16 where fast): all in one
     pass, against the same events as ``burst`` one-event batches in a row."""
-    torch.manual_seed(0)
-    enc = SequenceEncoder(cfg).to(device).eval()
-    index = {f"i{n}": n for n in range(1, cfg.n_items + 1)}
+    enc, index = random_encoder(cfg, device)
     hist = histories(np.random.default_rng(0), batch, length + burst, cfg.n_items)
     bf16 = bf16_is_fast(device)
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -110,9 +112,7 @@ def bench_burst(cfg: EncoderConfig, device: torch.device, batch: int, length: in
 def bench_pass(cfg: EncoderConfig, device: torch.device, users: int, repeat: int):
     """Microseconds per one-event pass of ``users`` warm users (L 30), bf16: the serving
     encoder's linear weights cast to bf16 once, against autocast casting them on every pass."""
-    torch.manual_seed(0)
-    enc = SequenceEncoder(cfg).to(device).eval()
-    index = {f"i{n}": n for n in range(1, cfg.n_items + 1)}
+    enc, index = random_encoder(cfg, device)
     hist = histories(np.random.default_rng(0), users, 30, cfg.n_items)
     names = [f"u{n}" for n in range(users)]
     out = []
@@ -133,31 +133,23 @@ def bench_pass(cfg: EncoderConfig, device: torch.device, users: int, repeat: int
 
 def bench_full_chunks(cfg: EncoderConfig, device: torch.device, users: int, chunks: list[int], repeat: int):
     """Microseconds per user of full recomputes (L 50, bf16 where fast) of ``users`` users new to
-    the cache, in passes of each of ``chunks`` users (model.incremental.FULL_CHUNK); best of
+    the cache, in passes of each of ``chunks`` users (``IncrementalEncoder.full_chunk``); best of
     ``repeat`` rounds, the chunk sizes alternating within each round."""
-    from model import incremental
-
-    torch.manual_seed(0)
-    enc = SequenceEncoder(cfg).to(device).eval()
-    index = {f"i{n}": n for n in range(1, cfg.n_items + 1)}
+    enc, index = random_encoder(cfg, device)
     hist = histories(np.random.default_rng(0), users, 50, cfg.n_items)
     bf16 = bf16_is_fast(device)
     inc = IncrementalEncoder(enc, index, budget_bytes=1 << 34, device=device,
                              dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16)
     requests = [EncodeRequest(f"u{n}", h, new=len(h), tail_after="0") for n, h in enumerate(hist)]
     best = dict.fromkeys(chunks, float("inf"))
-    default = incremental.FULL_CHUNK
-    try:
-        for round_ in range(repeat + 1):   # round 0 warms up
-            for chunk in chunks:
-                incremental.FULL_CHUNK = chunk
-                inc.clear()
-                started = time.perf_counter()
-                inc.encode(requests)
-                if round_:
-                    best[chunk] = min(best[chunk], time.perf_counter() - started)
-    finally:
-        incremental.FULL_CHUNK = default
+    for round_ in range(repeat + 1):   # round 0 warms up
+        for chunk in chunks:
+            inc.full_chunk = chunk
+            inc.clear()
+            started = time.perf_counter()
+            inc.encode(requests)
+            if round_:
+                best[chunk] = min(best[chunk], time.perf_counter() - started)
     return {chunk: seconds / users * 1e6 for chunk, seconds in best.items()}
 
 

@@ -223,10 +223,7 @@ class ItemIndex:
         item_index.add(vectors)
         if kind in ("ivf", "hnsw"):
             item_index._tune_search_width(vectors, tuning_queries)
-        if use_gpu:
-            item_index._to_gpu()
-        elif kind == "flat":
-            item_index.to_torch("cpu")
+        item_index._place(use_gpu)
         log.info(
             "built %s index: %d items, dim %d, %.1fs (%s)",
             info.kind, n, dim, time.perf_counter() - started, info,
@@ -289,6 +286,13 @@ class ItemIndex:
             high = low
         apply(high)
         log.info("%s search width %d gives recall@%d=%.4f on tuning queries", self.info.kind, high, k, recalls[high])
+
+    def _place(self, use_gpu: bool) -> None:
+        """Where searches run: on the GPU if asked, else a flat index through torch on the CPU."""
+        if use_gpu:
+            self._to_gpu()
+        elif self.info.kind == "flat":
+            self.to_torch("cpu")
 
     def _to_gpu(self) -> None:
         if self.info.kind == "hnsw":
@@ -390,12 +394,7 @@ class ItemIndex:
         elif info.kind == "hnsw":
             index.hnsw.efSearch = info.ef_search
         item_index = cls(index, info)
-        if use_gpu is None:
-            use_gpu = gpu_available()
-        if use_gpu:
-            item_index._to_gpu()
-        elif info.kind == "flat":
-            item_index.to_torch("cpu")
+        item_index._place(gpu_available() if use_gpu is None else use_gpu)
         return item_index
 
     # ---------------------------------------------------------------- tuning knobs

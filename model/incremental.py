@@ -118,6 +118,7 @@ class IncrementalEncoder:
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
         self.window = cfg.max_len
         self.round_cost = round_cost
+        self.full_chunk = FULL_CHUNK
         # the embedded inputs of each user's last conv_kernel - 1 known events (0: none), which
         # the input convolution mixes into the next event's
         self.before = max(0, cfg.conv_kernel - 1)
@@ -161,8 +162,8 @@ class IncrementalEncoder:
         with self.autocast:
             if steps:
                 self._step(requests, steps, out, fresh)
-            for first in range(0, len(full), FULL_CHUNK):
-                part = full[first:first + FULL_CHUNK]
+            for first in range(0, len(full), self.full_chunk):
+                part = full[first:first + self.full_chunk]
                 self._encode_full([requests[n] for n in part], part, out)
         self._count_users()
         return out
@@ -297,7 +298,7 @@ class IncrementalEncoder:
         n_new = torch.from_numpy(lengths).to(self.device)
         offsets = torch.arange(R, device=self.device)
         positions = count[:, None] + offsets[None, :]                                # [B, R]
-        angles = enc.angles(positions)[:, None]                                      # [B, 1, R, hd/2]
+        rotation = enc.rotation(positions)[:, :, None]                               # [2, B, 1, R, hd]
         # the position each ring slot holds before the batch; new position p sees the cached
         # ones in p - W + 1 .. count - 1 that are not padding, and the new ones up to itself
         held = (count - 1)[:, None] - ((count - 1)[:, None] - self._ring[None, :]) % W   # [B, W]
@@ -316,7 +317,7 @@ class IncrementalEncoder:
         at, ring = index[user], (count[user] + offset) % W
         for layer, block in enumerate(enc.blocks):
             q, k, v = (t.float() for t in block.attn.heads(x))                      # [B, H, R, hd]
-            q, k = rotate(q, angles), rotate(k, angles)
+            q, k = rotate(q, rotation), rotate(k, rotation)
             k, v = k.to(self.dtype), v.to(self.dtype)
             # a gather of the users' rings (memory-bound: index_select of bf16 rows ran 10x
             # faster than of float32 ones here), then the new keys beside them
@@ -340,7 +341,7 @@ class IncrementalEncoder:
         start = torch.from_numpy(self.start[slots]).to(self.device)
         index = torch.from_numpy(slots).to(self.device)
         ring = count % W                                                             # the new event's slot
-        angles = enc.angles(count)[:, None, None, :]                                # [B, 1, 1, hd/2]
+        rotation = enc.rotation(count)[:, :, None, None]                            # [2, B, 1, 1, hd]
         # the position each ring slot holds once the new event is in; below `start`: padding
         held = count[:, None] - (count[:, None] - self._ring[None, :]) % W
         hidden = (held < start[:, None])[:, None, None, :]                           # [B, 1, 1, W]
@@ -352,7 +353,7 @@ class IncrementalEncoder:
         x = enc.ln_in(x)
         for layer, block in enumerate(enc.blocks):
             q, k, v = (t.float() for t in block.attn.heads(x))                      # [B, H, 1, hd]
-            q, k = rotate(q, angles), rotate(k, angles)
+            q, k = rotate(q, rotation), rotate(k, rotation)
             self.keys[layer][index, :, ring] = k[:, :, 0].to(self.dtype)
             self.values[layer][index, :, ring] = v[:, :, 0].to(self.dtype)
             # attention over one query: a gather of the users' rings (memory-bound: index_select
@@ -378,7 +379,7 @@ class IncrementalEncoder:
         if not len(old):
             return
         index = torch.from_numpy(old).to(self.device)
-        back = self.encoder.angles(torch.tensor(-step, device=self.device))
+        back = self.encoder.rotation(torch.tensor(-step, device=self.device))
         for keys in self.keys:
             keys[index] = rotate(keys[index].float(), back).to(self.dtype)
         self.count[old] -= step

@@ -175,19 +175,20 @@ def test_last_only_gives_the_last_position_and_the_same_keys(positions):
 def test_rotary_keys_rotate_each_coordinate_pair_by_its_angle():
     """``rotate`` turns pair (i, i + head_dim/2) by angle i; queries and keys rotated together
     score as if each was rotated alone, and only their distance matters."""
-    from model.encoder import rotate
+    from model.encoder import rotate, rotation_tables
 
     torch.manual_seed(0)
     x, angles = torch.randn(3, 5, 2, 4, 8), torch.rand(5, 4) * 6
-    got = rotate(x, angles[:, None, None])
+    table = rotation_tables(angles)
+    got = rotate(x, table[:, :, None, None])
     x1, x2 = x[..., :4], x[..., 4:]
     cos, sin = angles.cos()[:, None, None], angles.sin()[:, None, None]
     torch.testing.assert_close(got, torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1))
-    torch.testing.assert_close(got[:, :, 0], rotate(x[:, :, 0], angles[:, None]))
+    torch.testing.assert_close(got[:, :, 0], rotate(x[:, :, 0], table[:, :, None]))
     q, k = torch.randn(8), torch.randn(8)
     freqs = torch.rand(4)
-    score = (rotate(q, 7 * freqs) * rotate(k, 3 * freqs)).sum()
-    torch.testing.assert_close(score, (rotate(q, 4 * freqs) * k).sum())
+    score = (rotate(q, rotation_tables(7 * freqs)) * rotate(k, rotation_tables(3 * freqs))).sum()
+    torch.testing.assert_close(score, (rotate(q, rotation_tables(4 * freqs)) * k).sum())
 
 
 def test_keep_freed_memory_sets_malloc_where_glibc_is():
