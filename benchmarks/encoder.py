@@ -9,6 +9,7 @@ the index then runs on faiss-gpu if installed, else as torch's exact search).
     python benchmarks/encoder.py --convs none input   # what the input convolution costs
     python benchmarks/encoder.py --pass-users 1 8 64 --lengths --bursts --index-items   # a small pass's cost
     python benchmarks/encoder.py --full-chunks 64 128 512 --lengths --bursts --index-items   # misses' pass size
+    python benchmarks/encoder.py --serving-ops 7 --lengths --bursts --index-items --threads 1   # vs torch's ops
 
 Weights are random (speed does not depend on them); the width and depth are the recipe's.
 """
@@ -111,7 +112,8 @@ def bench_burst(cfg: EncoderConfig, device: torch.device, batch: int, length: in
 
 def bench_pass(cfg: EncoderConfig, device: torch.device, users: int, repeat: int):
     """Microseconds per one-event pass of ``users`` warm users (L 30), bf16: the serving
-    encoder's linear weights cast to bf16 once, against autocast casting them on every pass."""
+    encoder's linear weights cast to bf16 once (and fused, on the CPU), against autocast casting
+    them on every pass."""
     enc, index = random_encoder(cfg, device)
     hist = histories(np.random.default_rng(0), users, 30, cfg.n_items)
     names = [f"u{n}" for n in range(users)]
@@ -129,6 +131,48 @@ def bench_pass(cfg: EncoderConfig, device: torch.device, users: int, repeat: int
                         for u, h in zip(names, hist)])
         out.append(timed(one, repeat) * 1e6)
     return out
+
+
+def bench_serving_ops(cfg: EncoderConfig, users: int, rounds: int):
+    """Medians over ``rounds`` alternating rounds, in one process, on the CPU in bf16: per user
+    of a full recompute (L 50, ``users`` users new to the cache) and per one-event pass of 1, 8
+    and 64 warm users, for the serving encoder's operators (oneDNN linear layers with packed
+    weights and fused bias and GELU; cache slots copied through numpy) against torch's
+    (``torch.nn.Linear``, ``index_copy_`` / ``index_select``), each change alone and both."""
+    from model.incremental import with_bf16_linears
+
+    enc, index = random_encoder(cfg, torch.device("cpu"))
+    hist = histories(np.random.default_rng(0), users, 50 + 3 * 8, cfg.n_items)
+    variants = {}
+    for name, fuse, host in (("torch's operators", False, False), ("fused linear layers", True, False),
+                             ("numpy slot copies", False, True), ("both (serving)", True, True)):
+        inc = IncrementalEncoder(enc, index, budget_bytes=max(1 << 28, 2 * users * 110_000), dtype=torch.bfloat16,
+                                 bf16=True)
+        inc.encoder, inc.host_copies = with_bf16_linears(enc, fuse=fuse), host
+        variants[name] = inc
+    times = {name: {"full": [], 1: [], 8: [], 64: []} for name in variants}
+    for round_ in range(rounds + 1):   # round 0 warms up
+        for name, inc in variants.items():
+            inc.clear()
+            started = time.perf_counter()
+            inc.encode([EncodeRequest(f"u{n}", h[:50], new=50, tail_after="50") for n, h in enumerate(hist)])
+            full = (time.perf_counter() - started) / users * 1e6
+            at, passes = 50, {}
+            for size in (1, 8, 64):
+                spent = []
+                for _ in range(3):
+                    requests = [EncodeRequest(f"u{n}", hist[n][at - 49:at + 1], new=1, tail_before=str(at),
+                                              tail_after=str(at + 1)) for n in range(min(size, users))]
+                    at += 1
+                    started = time.perf_counter()
+                    inc.encode(requests)
+                    spent.append(time.perf_counter() - started)
+                passes[size] = float(np.median(spent)) * 1e6
+            if round_:
+                times[name]["full"].append(full)
+                for size, us in passes.items():
+                    times[name][size].append(us)
+    return {name: {key: float(np.median(v)) for key, v in t.items()} for name, t in times.items()}
 
 
 def bench_full_chunks(cfg: EncoderConfig, device: torch.device, users: int, chunks: list[int], repeat: int):
@@ -191,7 +235,10 @@ def main() -> None:
                    help="new events per warm user in one batch (at L = 30), one pass vs one batch per event")
     p.add_argument("--pass-users", type=int, nargs="*", default=[],
                    help="warm users in one one-event pass: its microseconds, linear weights cast to bf16 once "
-                        "vs by autocast in every pass (where bf16 is fast)")
+                        "(and fused, on the CPU) vs by autocast in every pass (where bf16 is fast)")
+    p.add_argument("--serving-ops", type=int, default=0, metavar="ROUNDS",
+                   help="CPU, bf16: the serving encoder's operators against torch's, alternating rounds "
+                        "(full recomputes of --batch users, one-event passes of 1, 8, 64 users)")
     p.add_argument("--full-chunks", type=int, nargs="*", default=[],
                    help="users per full-recompute pass: microseconds per user of --batch users new to the cache")
     p.add_argument("--glibc-defaults", action="store_true",
@@ -226,7 +273,15 @@ def main() -> None:
             cfg = EncoderConfig(n_items=args.items, dim=args.dim)
             once, each = bench_pass(cfg, device, users, max(args.repeat, 200 // users))
             print(f"one-event pass of {users} warm users (L 30, bf16): {once:,.0f} us with the weights cast "
-                  f"once, {each:,.0f} us cast in every pass")
+                  f"once (fused on the CPU), {each:,.0f} us cast in every pass")
+    if args.serving_ops and (device.type != "cpu" or not bf16_is_fast(device)):
+        print("--serving-ops: for a CPU that runs bf16 fast; skipped")
+    elif args.serving_ops:
+        cfg = EncoderConfig(n_items=args.items, dim=args.dim)
+        for name, t in bench_serving_ops(cfg, args.batch, args.serving_ops).items():
+            print(f"{name:>20}: full recompute {t['full']:,.0f} us/user (L 50, {args.batch} users); one-event pass "
+                  f"of 1 / 8 / 64 warm users {t[1]:,.0f} / {t[8]:,.0f} / {t[64]:,.0f} us "
+                  f"(medians of {args.serving_ops} alternating rounds)")
     if args.full_chunks:
         cfg = EncoderConfig(n_items=args.items, dim=args.dim)
         per_user = bench_full_chunks(cfg, device, args.batch, args.full_chunks, args.repeat)

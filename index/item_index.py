@@ -178,6 +178,15 @@ def ivf_nlist(n_items: int) -> int:
     return max(1, int(round(IVF_LISTS_PER_SQRT_N * math.sqrt(n_items))))
 
 
+def searches_keep_off_the_gil() -> None:
+    """Remove faiss's Python interrupt callback (process-wide), so that a search never waits for
+    the GIL. faiss's Python module installs one that takes the GIL now and then inside a
+    search to look for Ctrl-C; with the worker's other threads running Python, an IVF search of
+    137 queries (60k items, nprobe 128, 1 thread) took 858-875 ms with it against 85-95 without.
+    Searches here take milliseconds; a long one can no longer be interrupted with Ctrl-C."""
+    faiss.InterruptCallback.clear_instance()
+
+
 class ItemIndex:
     """Inner-product top-k over item vectors; rows are the order items were added in."""
 
@@ -289,6 +298,7 @@ class ItemIndex:
 
     def _place(self, use_gpu: bool) -> None:
         """Where searches run: on the GPU if asked, else a flat index through torch on the CPU."""
+        searches_keep_off_the_gil()
         if use_gpu:
             self._to_gpu()
         elif self.info.kind == "flat":

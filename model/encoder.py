@@ -143,11 +143,12 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         self.fc = nn.Linear(cfg.dim, 4 * cfg.dim)
+        self.act = nn.GELU()   # a module, so that serving can fuse it into ``fc`` (model/incremental.py)
         self.out = nn.Linear(4 * cfg.dim, cfg.dim)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        return self.out(self.dropout(F.gelu(self.fc(x))))
+        return self.out(self.dropout(self.act(self.fc(x))))
 
 
 class Block(nn.Module):

@@ -192,20 +192,25 @@ def test_bf16_serving_stays_close_to_fp32(device):
 
 
 def test_bf16_weights_cast_once_give_what_autocast_gives_and_leave_the_model_alone():
+    """Cast once, the numbers are autocast's; fused (oneDNN, CPU) they move by bf16 rounding."""
+    from model.incremental import FusedLinear, with_bf16_linears
+
     enc, index = make_encoder()
     rng = np.random.default_rng(7)
     hists = [history(rng, 10) for _ in range(3)]
     outs = []
-    for cast_once in (True, False):
+    for serving in (with_bf16_linears(enc, fuse=False), enc, with_bf16_linears(enc)):
         inc = IncrementalEncoder(enc, index, budget_bytes=1 << 20, dtype=torch.bfloat16, bf16=True)
-        if not cast_once:
-            inc.encoder = enc   # autocast casts the float32 weights in every pass
+        inc.encoder = serving   # enc itself: autocast casts the float32 weights in every pass
         first = inc.encode([EncodeRequest(f"u{n}", h[:7], new=7, tail_after="6") for n, h in enumerate(hists)])
         then = inc.encode([EncodeRequest(f"u{n}", h, new=3, tail_before="6", tail_after="9")
                            for n, h in enumerate(hists)])
         outs.append((first, then))
-    for got, expected in zip(outs[0], outs[1]):
-        np.testing.assert_array_equal(got, expected)
+    for cast_once, autocast, fused in zip(*outs):
+        np.testing.assert_array_equal(cast_once, autocast)
+        np.testing.assert_allclose(fused, autocast, atol=2e-2)
+    if FusedLinear.available(with_bf16_linears(enc, fuse=False).blocks[0].attn.qkv.weight):
+        assert isinstance(with_bf16_linears(enc).blocks[0].mlp.fc, FusedLinear)
     serving = IncrementalEncoder(enc, index, budget_bytes=1 << 20, dtype=torch.bfloat16, bf16=True).encoder
     assert serving.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in enc.parameters())   # the model itself is not touched
@@ -331,3 +336,56 @@ def test_cache_counters_are_running_totals_across_a_hot_swap(tiny_model):
     rec.recommend([state], ["u"], [2], [None])
     after = rec.cache_counters()
     assert after["cache_misses"] == 2 and after["cache_hits"] == before["cache_hits"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slots_copied_through_numpy_equal_torch_index_copies(dtype):
+    """On the CPU the cache's slots are written and gathered through numpy views; the torch
+    operators (the GPU's path) give the same vectors and the same cache contents: misses with
+    windows shorter than the ring, one-event and several-event steps, first visits, evictions."""
+    enc, index = make_encoder()
+    rng = np.random.default_rng(9)
+    hists = {f"u{n}": history(rng, 30) for n in range(8)}
+    runs = []
+    for host in (True, False):
+        inc = IncrementalEncoder(enc, index, budget_bytes=6 * IncrementalEncoder(enc, index).stats.slot_bytes,
+                                 dtype=dtype, round_cost=0)
+        inc.host_copies = host
+        outs, seen = [], {u: 0 for u in hists}
+        for t, (users, new) in enumerate([(["u0", "u1", "u2"], 7), (["u0", "u1", "u3"], 1), (["u0", "u2", "u4"], 3),
+                                          (["u5", "u6", "u7", "u1"], 1), (["u0", "u6"], 14), (["u3", "u7"], 2)]):
+            requests = []
+            for u in users:
+                before, seen[u] = seen[u], seen[u] + new
+                requests.append(EncodeRequest(u, hists[u][:seen[u]][-12:], new=min(new, 12),
+                                              tail_before=f"{u}{before}" if before else None,
+                                              tail_after=f"{u}{seen[u]}"))
+            outs.append(inc.encode(requests))
+        runs.append((outs, inc))
+    (host_outs, host), (torch_outs, torch_inc) = runs
+    for got, expected in zip(host_outs, torch_outs):
+        np.testing.assert_array_equal(got, expected)
+    assert host.stats.hits == torch_inc.stats.hits > 0 and host.stats.misses == torch_inc.stats.misses
+    for a, b in zip([*host.keys, *host.values, host.recent], [*torch_inc.keys, *torch_inc.values, torch_inc.recent]):
+        used = sorted(host.slot_of.values())
+        assert torch.equal(a[used], b[used])
+
+
+def test_fused_linear_is_the_linear_layer_and_its_gelu():
+    """oneDNN's fused bf16 product: the linear layer's numbers (bias included), and with
+    ``gelu`` the GELU of them, rounded once; any batch shape, strided rows too."""
+    from model.incremental import FusedLinear
+
+    torch.manual_seed(3)
+    linear = torch.nn.Linear(32, 64).to(torch.bfloat16)
+    if not FusedLinear.available(linear.weight):
+        pytest.skip("oneDNN's fused linear is not available on this CPU build")
+    x = torch.randn(5, 7, 32).to(torch.bfloat16)
+    with torch.inference_mode():
+        for rows in (x, x[:, -1:], x[0]):
+            expected = torch.nn.functional.linear(rows, linear.weight, linear.bias).float()
+            torch.testing.assert_close(FusedLinear(linear)(rows).float(), expected, atol=2e-2, rtol=1e-2)
+            torch.testing.assert_close(FusedLinear(linear, gelu=True)(rows).float(),
+                                       torch.nn.functional.gelu(expected), atol=2e-2, rtol=1e-2)
+        assert FusedLinear(linear)(x.float()).dtype == torch.bfloat16   # float32 rows are cast first
+    assert not FusedLinear.available(linear.weight.float())

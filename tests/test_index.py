@@ -322,3 +322,38 @@ def test_with_a_gpu_a_saved_approximate_index_is_served_exactly(tiny_model, tmp_
     for gpu, kind in ((False, "ivf"), (True, "flat")):
         monkeypatch.setattr(recommender, "gpu_available", lambda: gpu)
         assert recommender.ServingModel.load(model, Catalogue(), RerankConfig()).index.info.kind == kind
+
+
+def test_a_search_runs_to_its_end_while_another_thread_holds_the_gil():
+    """faiss's Python module installs an interrupt callback that takes the GIL inside searches;
+    placing an index removes it, so that the worker's lanes search while its event loop runs
+    Python. Here this thread keeps the GIL (a switch interval of 1,000 s) and watches the
+    result arrays: a search that needed the GIL would never fill them (with faiss's callback
+    put back after the build, this test fails)."""
+    import sys
+    import threading
+    import time
+
+    faiss.PythonInterruptCallback.reset()   # as faiss's import leaves it
+    vectors, _ = clustered(20000, dim=64)
+    ItemIndex.build(vectors[:100], kind="flat")
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(64), 64, 64, faiss.METRIC_INNER_PRODUCT)
+    ivf.train(vectors)
+    ivf.add(vectors)
+    ivf.nprobe = 16
+    queries = item_index_module.tuning_queries(vectors, 500, seed=3)
+    found = np.full((len(queries), 10), -1, dtype=np.int64)
+    scores = np.zeros((len(queries), 10), dtype=np.float32)
+    search = threading.Thread(target=lambda: ivf.search(queries, 10, D=scores, I=found))
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1000.0)
+    try:
+        search.start()
+        deadline = time.monotonic() + 20
+        while found[-1, 0] == -1 and time.monotonic() < deadline:
+            pass
+        done = bool(found[-1, 0] != -1)
+    finally:
+        sys.setswitchinterval(interval)
+    search.join()
+    assert done
