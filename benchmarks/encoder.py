@@ -10,6 +10,7 @@ the index then runs on faiss-gpu if installed, else as torch's exact search).
     python benchmarks/encoder.py --pass-users 1 8 64 --lengths --bursts --index-items   # a small pass's cost
     python benchmarks/encoder.py --full-chunks 64 128 512 --lengths --bursts --index-items   # misses' pass size
     python benchmarks/encoder.py --serving-ops 7 --lengths --bursts --index-items --threads 1   # vs torch's ops
+    python benchmarks/encoder.py --dtypes 5 --lengths --bursts --index-items --threads 1   # bf16 vs float32 here
 
 Weights are random (speed does not depend on them); the width and depth are the recipe's.
 """
@@ -149,6 +150,31 @@ def bench_serving_ops(cfg: EncoderConfig, users: int, rounds: int):
         inc = IncrementalEncoder(enc, index, budget_bytes=1 << 34, dtype=torch.bfloat16, bf16=True)   # pages: as used
         inc.encoder, inc.host_copies = with_bf16_linears(enc, fuse=fuse), host
         variants[name] = inc
+    return alternating_rounds(variants, hist, users, rounds)
+
+
+def bench_dtypes(cfg: EncoderConfig, users: int, rounds: int):
+    """Medians over ``rounds`` alternating rounds, in one process, on the CPU: the serving
+    encoder with bf16 products against float32 ones (what `bf16_is_fast` chooses between), the
+    float32 encoder's step attention in float32 over the bf16 cache (upcast, the default) or in
+    bf16, and a float32 cache (twice the bytes per user)."""
+    enc, index = random_encoder(cfg, torch.device("cpu"))
+    hist = histories(np.random.default_rng(0), users, 50 + 3 * 8, cfg.n_items)
+    variants = {}
+    for name, bf16, cache, attend in (("bf16 products", True, torch.bfloat16, torch.bfloat16),
+                                      ("float32 products", False, torch.bfloat16, torch.float32),
+                                      ("... attention in bf16", False, torch.bfloat16, torch.bfloat16),
+                                      ("... float32 cache", False, torch.float32, torch.float32)):
+        inc = IncrementalEncoder(enc, index, budget_bytes=1 << 34, dtype=cache, bf16=bf16)   # pages: as used
+        inc.attend_dtype = attend
+        variants[name] = inc
+    return alternating_rounds(variants, hist, users, rounds)
+
+
+def alternating_rounds(variants: dict[str, IncrementalEncoder], hist, users: int, rounds: int):
+    """Per variant, medians over ``rounds`` rounds (variants alternating within each): µs per
+    user of a full recompute (L 50, ``users`` users new to the cache) and µs per one-event pass
+    of 1, 8 and 64 warm users."""
     times = {name: {"full": [], 1: [], 8: [], 64: []} for name in variants}
     for round_ in range(rounds + 1):   # round 0 warms up
         for name, inc in variants.items():
@@ -238,6 +264,9 @@ def main() -> None:
     p.add_argument("--serving-ops", type=int, default=0, metavar="ROUNDS",
                    help="CPU, bf16: the serving encoder's operators against torch's, alternating rounds "
                         "(full recomputes of --batch users, one-event passes of 1, 8, 64 users)")
+    p.add_argument("--dtypes", type=int, default=0, metavar="ROUNDS",
+                   help="CPU: bf16 against float32 products (and the float32 encoder's attention and cache "
+                        "dtypes), alternating rounds (full recomputes of --batch users, one-event passes)")
     p.add_argument("--full-chunks", type=int, nargs="*", default=[],
                    help="users per full-recompute pass: microseconds per user of --batch users new to the cache")
     p.add_argument("--glibc-defaults", action="store_true",
@@ -281,6 +310,14 @@ def main() -> None:
             print(f"{name:>20}: full recompute {t['full']:,.0f} us/user (L 50, {args.batch} users); one-event pass "
                   f"of 1 / 8 / 64 warm users {t[1]:,.0f} / {t[8]:,.0f} / {t[64]:,.0f} us "
                   f"(medians of {args.serving_ops} alternating rounds)")
+    if args.dtypes:
+        cfg = EncoderConfig(n_items=args.items, dim=args.dim)
+        print(f"native bf16 instructions: {bf16_is_fast(torch.device('cpu'))} (the worker serves in "
+              f"{'bf16' if bf16_is_fast(torch.device('cpu')) else 'float32'} on this CPU)")
+        for name, t in bench_dtypes(cfg, args.batch, args.dtypes).items():
+            print(f"{name:>22}: full recompute {t['full']:,.0f} us/user (L 50, {args.batch} users); one-event pass "
+                  f"of 1 / 8 / 64 warm users {t[1]:,.0f} / {t[8]:,.0f} / {t[64]:,.0f} us "
+                  f"(medians of {args.dtypes} alternating rounds)")
     if args.full_chunks:
         cfg = EncoderConfig(n_items=args.items, dim=args.dim)
         per_user = bench_full_chunks(cfg, device, args.batch, args.full_chunks, args.repeat)

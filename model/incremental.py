@@ -166,6 +166,9 @@ class IncrementalEncoder:
         self.dtype = dtype or torch.float32
         # bf16 matrix products (CUDA, AVX512-BF16): ~2x the vectors/s, agreement to ~1e-2
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+        # a step attends in the cache's dtype where bf16 is fast, else in float32: a bf16 cache on a
+        # CPU without bf16 instructions is upcast (emulated bf16 attention cost more, see _attend)
+        self.attend_dtype = self.dtype if bf16 else torch.float32
         self.window = cfg.max_len
         self.round_cost = round_cost
         self.full_chunk = FULL_CHUNK
@@ -419,7 +422,8 @@ class IncrementalEncoder:
         operator (scores, mask, softmax and weighted sum, accumulated in float32) instead of six
         small ones: one-event passes of 1 / 8 / 64 warm users took ~7-12% less time (a scratch
         A/B in one process, 256 wide, bf16, 1 thread)."""
-        return F.scaled_dot_product_attention(q.to(self.dtype), keys, values, attn_mask=~hidden).float()
+        dtype = self.attend_dtype
+        return F.scaled_dot_product_attention(q.to(dtype), keys.to(dtype), values.to(dtype), attn_mask=~hidden).float()
 
     def _rebase(self, slots: np.ndarray) -> None:
         """Move far-advanced users' positions (and keys) back by a multiple of the window."""

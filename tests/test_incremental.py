@@ -217,6 +217,25 @@ def test_bf16_weights_cast_once_give_what_autocast_gives_and_leave_the_model_alo
     assert serving.item_emb.weight is enc.item_emb.weight            # the embeddings are not copied
 
 
+def test_serving_takes_bf16_products_only_from_a_cpu_with_bf16_instructions():
+    """oneDNN "supports" bf16 on any AVX512 CPU by emulating it, which is slower than float32:
+    serving and training use bf16 only where the CPU has AVX512-BF16 or AMX-BF16."""
+    from model.artifact import bf16_is_fast, cpu_has_native_bf16
+    from model.incremental import for_serving
+
+    assert cpu_has_native_bf16({"avx512_f": True, "avx512_bf16": True})
+    assert cpu_has_native_bf16({"amx_tile": True, "amx_bf16": True})
+    assert not cpu_has_native_bf16({"avx512_f": True, "avx512_bw": True, "avx512_vnni": True})
+    assert not cpu_has_native_bf16({"architecture": "aarch64"})
+    native = cpu_has_native_bf16()
+    assert bf16_is_fast(torch.device("cpu")) == native
+    enc, index = make_encoder()
+    lane = for_serving(enc, index, budget_bytes=1 << 20).lanes[0]
+    assert lane.dtype == torch.bfloat16   # the cache stays bf16 (bytes per user) either way
+    assert lane.encoder.blocks[0].attn.qkv.weight.dtype == (torch.bfloat16 if native else torch.float32)
+    assert lane.attend_dtype == (torch.bfloat16 if native else torch.float32)
+
+
 @pytest.mark.parametrize("lanes, threaded", [(1, False), (2, False), (2, True)])
 def test_recommender_lists_from_the_cache_equal_full_recomputation(tiny_model, tiny_shop, lanes, threaded,
                                                                    monkeypatch):
