@@ -155,7 +155,8 @@ class IncrementalEncoder:
 
     def __init__(self, encoder: SequenceEncoder, token_index: dict[str, int], *,
                  budget_bytes: int = DEFAULT_BUDGET_BYTES, dtype: torch.dtype | None = None,
-                 device: torch.device | None = None, bf16: bool = False, round_cost: float = ROUND_COST):
+                 device: torch.device | None = None, bf16: bool = False, round_cost: float = ROUND_COST,
+                 claim: bool = False):
         cfg = encoder.cfg
         if cfg.positions != "rope":
             raise ValueError("incremental encoding needs rotary positions (a model trained with positions='rope')")
@@ -179,11 +180,14 @@ class IncrementalEncoder:
         itemsize = torch.tensor([], dtype=self.dtype).element_size()
         slot_bytes = (layers * 2 * heads * self.window * hd + self.before * cfg.dim) * itemsize + cfg.dim * 4
         self.capacity = max(1, budget_bytes // slot_bytes)
-        # torch.empty: pages are only touched (resident) once a slot is used
+        # torch.empty: pages are only touched (resident) once a slot is used, unless ``claim``
         shape = (self.capacity, heads, self.window, hd)
         self.keys = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(layers)]
         self.values = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(layers)]
         self.out = torch.empty(self.capacity, cfg.dim, dtype=torch.float32, device=self.device)
+        if claim:
+            for tensor in (*self.keys, *self.values, self.out):
+                tensor.zero_()
         self.recent = torch.zeros(self.capacity, self.before, cfg.dim, dtype=self.dtype, device=self.device)
         self.count = np.zeros(self.capacity, dtype=np.int64)      # the next event's position
         self.start = np.zeros(self.capacity, dtype=np.int64)      # positions below it are padding
@@ -577,13 +581,50 @@ def for_serving(encoder: SequenceEncoder, token_index: dict[str, int], budget_by
                 lanes: int = 1) -> EncoderLanes:
     """The serving configuration: a bf16 cache (half the bytes to gather), and the linear
     layers in bf16 where the hardware runs bfloat16 fast (CUDA, AVX512-BF16); ``lanes``
-    caches of budget_bytes / lanes each."""
+    caches of budget_bytes / lanes each, claimed now (`claim_cache_memory`)."""
     from model.artifact import bf16_is_fast
 
     device = next(encoder.parameters()).device   # lanes < 1: EncoderLanes refuses the empty list
+    if device.type == "cpu":
+        claim_cache_memory(budget_bytes)
     bf16 = bf16_is_fast(device)
     if bf16:   # one bf16 copy of the blocks for all lanes (they only read it)
         encoder = with_bf16_linears(encoder.eval())
     return EncoderLanes([IncrementalEncoder(encoder, token_index, budget_bytes=budget_bytes // lanes, device=device,
-                                            dtype=torch.bfloat16, bf16=bf16)
+                                            dtype=torch.bfloat16, bf16=bf16, claim=device.type == "cpu")
                          for _ in range(lanes)])
+
+
+def claim_cache_memory(budget_bytes: int, available: int | None = None) -> None:
+    """Refuse a CPU cache budget the machine cannot hold; the caller then touches it all at once.
+
+    Claimed at start, a budget beyond the memory left fails here with its size, not as an
+    out-of-memory kill hours later when the cache fills; and the pages are faulted in and zeroed
+    before the worker takes traffic instead of while it drains the backlog a restart leaves:
+    filling a cold 1 GiB cache cost 1-2 µs of kernel time per 4 KiB page (the scale workload,
+    `bench e2e --workload scale`: page zeroing was ~18% of the worker's CPU samples in `perf`).
+    ``available``: bytes free (for tests); default `available_memory_bytes`.
+    """
+    available = available_memory_bytes() if available is None else available
+    if available is not None and budget_bytes > available:
+        raise MemoryError(f"the encoder cache budget ({budget_bytes >> 20:,} MiB, --cache-mb) is more than the "
+                          f"memory available ({available >> 20:,} MiB): lower --cache-mb (0 turns the cache off)")
+
+
+def available_memory_bytes() -> int | None:
+    """Memory this process may still take: the kernel's MemAvailable, capped by the cgroup's
+    limit less its usage (a container's); None where neither can be read (not Linux)."""
+    found = []
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit != "max":
+            found.append(int(limit) - int(open("/sys/fs/cgroup/memory.current").read()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None

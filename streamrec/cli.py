@@ -193,7 +193,8 @@ def worker(broker: str = typer.Option(..., help="Kafka bootstrap HOST:PORT."),
            commit_interval: float = typer.Option(
                0.1, help="Seconds between offset commits (exactly_once: between transaction commits)."),
            cache_mb: int = typer.Option(1024, help="Encoder key/value cache for active users, MiB (~100 KiB per "
-                                                   "user at 256 wide; 0: recompute every user in full)."),
+                                                   "user at 256 wide), held from start on the CPU; 0: recompute "
+                                                   "every user in full."),
            lanes: Optional[int] = typer.Option(
                None, help="Recommend threads, each on its own users and share of the cache (default: 2, or 1 "
                           "on one core)."),
@@ -236,7 +237,7 @@ def worker(broker: str = typer.Option(..., help="Kafka bootstrap HOST:PORT."),
     sys.argv = sys.argv[:1]  # Faust's Worker parses argv itself
     try:
         run_worker(settings, loglevel=loglevel)
-    except (FileNotFoundError, BrokerUnavailable, GuaranteeUnsupported, TopicMismatch) as exc:
+    except (FileNotFoundError, BrokerUnavailable, GuaranteeUnsupported, TopicMismatch, MemoryError) as exc:
         _fail(str(exc))
 
 

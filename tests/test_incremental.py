@@ -236,6 +236,25 @@ def test_serving_takes_bf16_products_only_from_a_cpu_with_bf16_instructions():
     assert lane.attend_dtype == (torch.bfloat16 if native else torch.float32)
 
 
+def test_serving_claims_its_cache_at_start_and_refuses_more_than_the_memory_left():
+    """A budget is faulted in (zeroed) when the model loads, not slot by slot under traffic,
+    and one the machine cannot hold fails then, with its size."""
+    from model.incremental import available_memory_bytes, claim_cache_memory, for_serving
+
+    with pytest.raises(MemoryError, match=r"budget \(2,048 MiB, --cache-mb\) is more than the memory available "
+                                          r"\(1,024 MiB\)"):
+        claim_cache_memory(2 << 30, available=1 << 30)
+    claim_cache_memory(1 << 20, available=1 << 30)
+    free = available_memory_bytes()
+    assert free is None or free > 1 << 20
+    enc, index = make_encoder()
+    lanes = for_serving(enc, index, budget_bytes=1 << 20, lanes=2)
+    for lane in lanes.lanes:
+        assert all(bool((t == 0).all()) for t in (*lane.keys, *lane.values, lane.out))
+    with pytest.raises(MemoryError):
+        for_serving(enc, index, budget_bytes=1 << 50)
+
+
 @pytest.mark.parametrize("lanes, threaded", [(1, False), (2, False), (2, True)])
 def test_recommender_lists_from_the_cache_equal_full_recomputation(tiny_model, tiny_shop, lanes, threaded,
                                                                    monkeypatch):
