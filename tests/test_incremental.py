@@ -236,6 +236,29 @@ def test_serving_takes_bf16_products_only_from_a_cpu_with_bf16_instructions():
     assert lane.attend_dtype == (torch.bfloat16 if native else torch.float32)
 
 
+def test_fused_linear_rounds_rows_to_few_shapes_and_gives_the_same_products():
+    """oneDNN compiles a kernel per new shape: rows are padded to one of 160 sizes up to 8,192
+    (at most 1/16 more), and the padding leaves the products alone."""
+    from model.incremental import FusedLinear, bucket_rows
+
+    assert [bucket_rows(m) for m in (1, 32, 33, 65, 1000)] == [1, 32, 34, 68, 1024]
+    assert len({bucket_rows(m) for m in range(1, 8193)}) == 160
+    assert all(m <= bucket_rows(m) <= m * 17 / 16 for m in range(1, 5000))
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 24).to(torch.bfloat16)
+    if not FusedLinear.available(linear.weight):
+        pytest.skip("oneDNN takes no bf16 linear layer here")
+    fused = FusedLinear(linear, gelu=True)
+    x = torch.randn(3, 37, 16).to(torch.bfloat16)   # 111 rows, padded to 112
+    with torch.inference_mode():
+        got = fused(x)
+        want = torch.nn.functional.gelu(linear(x).float())
+        alone = fused(x[1, 4:5])                  # one row: not padded
+    assert got.shape == (3, 37, 24) and got.is_contiguous()
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(alone.float(), got[1, 4:5].float(), atol=2e-2, rtol=2e-2)
+
+
 def test_serving_claims_its_cache_at_start_and_refuses_more_than_the_memory_left():
     """A budget is faulted in (zeroed) when the model loads, not slot by slot under traffic,
     and one the machine cannot hold fails then, with its size."""
