@@ -247,3 +247,16 @@ async def test_worker_serves_prometheus_metrics(broker, worker, metrics_port, ti
     assert 'streamrec_dlq_messages_total{reason="not msgpack"}' in text
     assert "streamrec_event_to_list_latency_seconds_bucket" in text
     assert "streamrec_batch_size_bucket" in text
+
+
+def test_the_worker_freezes_its_startup_heap_and_collects_young_objects_rarely():
+    """In a process of its own: the freeze and the threshold are process-wide."""
+    import subprocess
+    import sys
+
+    code = ("import gc; from stream.worker import GC_YOUNG_THRESHOLD, freeze_startup_heap; "
+            "before = gc.get_threshold(); freeze_startup_heap(); "
+            "print(gc.get_freeze_count() > 0, gc.get_threshold() == (GC_YOUNG_THRESHOLD, *before[1:]), "
+            "GC_YOUNG_THRESHOLD > before[0])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True", "True"]
