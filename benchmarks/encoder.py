@@ -11,6 +11,7 @@ the index then runs on faiss-gpu if installed, else as torch's exact search).
     python benchmarks/encoder.py --full-chunks 64 128 512 --lengths --bursts --index-items   # misses' pass size
     python benchmarks/encoder.py --serving-ops 7 --lengths --bursts --index-items --threads 1   # vs torch's ops
     python benchmarks/encoder.py --dtypes 5 --lengths --bursts --index-items --threads 1   # bf16 vs float32 here
+    python benchmarks/encoder.py --linear-rows 3 --lengths --bursts --index-items --threads 1   # padded rows
 
 Weights are random (speed does not depend on them); the width and depth are the recipe's.
 """
@@ -25,7 +26,7 @@ import torch
 
 from model.artifact import bf16_is_fast, keep_freed_memory
 from model.encoder import EncoderConfig, SequenceEncoder
-from model.incremental import EncodeRequest, IncrementalEncoder
+from model.incremental import EncodeRequest, FusedLinear, IncrementalEncoder
 
 
 CONVS = {"none": {"conv_kernel": 0}, "input": {}}
@@ -171,6 +172,39 @@ def bench_dtypes(cfg: EncoderConfig, users: int, rounds: int):
     return alternating_rounds(variants, hist, users, rounds)
 
 
+def bench_linear_rows(rounds: int):
+    """A [rows, 256] x [256, 1024] + GELU oneDNN product (`FusedLinear`) over 1,800 row counts
+    of 1-6,400 (the range of a pass's users x positions): rows padded by `bucket_rows` against
+    the exact counts. Seconds of the first pass over them (kernels compiled; padded first, so
+    that the counts up to 32 both use are compiled on its time) and medians of ``rounds``
+    alternating passes once compiled. None where oneDNN takes no bf16 layer."""
+    linear = torch.nn.Linear(256, 1024).to(torch.bfloat16)
+    if not FusedLinear.available(linear.weight):
+        return None
+    fused = FusedLinear(linear, gelu=True)
+    rng = np.random.default_rng(0)
+    rows = np.concatenate([rng.integers(1, 400, 1500), rng.integers(400, 6400, 300)]).tolist()
+    rng.shuffle(rows)
+    x = torch.randn(6400, 256).to(torch.bfloat16)
+    variants = {"padded": lambda m: fused(x[:m]),
+                "exact": lambda m: torch.ops.mkldnn._linear_pointwise(x[:m], fused.packed, fused.bias, fused.attr,
+                                                                      [], fused.algorithm)}
+
+    def seconds(product) -> float:
+        started = time.perf_counter()
+        for m in rows:
+            product(m)
+        return time.perf_counter() - started
+
+    with torch.inference_mode():
+        first = {name: seconds(product) for name, product in variants.items()}
+        again = {name: [] for name in variants}
+        for _ in range(rounds):
+            for name, product in variants.items():
+                again[name].append(seconds(product))
+    return len(set(rows)), first, {name: float(np.median(t)) for name, t in again.items()}
+
+
 def alternating_rounds(variants: dict[str, IncrementalEncoder], hist, users: int, rounds: int):
     """Per variant, medians over ``rounds`` rounds (variants alternating within each): µs per
     user of a full recompute (L 50, ``users`` users new to the cache) and µs per one-event pass
@@ -267,6 +301,8 @@ def main() -> None:
     p.add_argument("--dtypes", type=int, default=0, metavar="ROUNDS",
                    help="CPU: bf16 against float32 products (and the float32 encoder's attention and cache "
                         "dtypes), alternating rounds (full recomputes of --batch users, one-event passes)")
+    p.add_argument("--linear-rows", type=int, default=0, metavar="ROUNDS",
+                   help="CPU, bf16: oneDNN products over 1,800 row counts, padded to few sizes against exact")
     p.add_argument("--full-chunks", type=int, nargs="*", default=[],
                    help="users per full-recompute pass: microseconds per user of --batch users new to the cache")
     p.add_argument("--glibc-defaults", action="store_true",
@@ -312,12 +348,22 @@ def main() -> None:
                   f"(medians of {args.serving_ops} alternating rounds)")
     if args.dtypes:
         cfg = EncoderConfig(n_items=args.items, dim=args.dim)
-        print(f"native bf16 instructions: {bf16_is_fast(torch.device('cpu'))} (the worker serves in "
-              f"{'bf16' if bf16_is_fast(torch.device('cpu')) else 'float32'} on this CPU)")
+        native = bf16_is_fast(torch.device("cpu"))
+        print(f"native bf16 instructions: {native} (the worker serves in {'bf16' if native else 'float32'} "
+              f"on this CPU)")
         for name, t in bench_dtypes(cfg, args.batch, args.dtypes).items():
             print(f"{name:>22}: full recompute {t['full']:,.0f} us/user (L 50, {args.batch} users); one-event pass "
                   f"of 1 / 8 / 64 warm users {t[1]:,.0f} / {t[8]:,.0f} / {t[64]:,.0f} us "
                   f"(medians of {args.dtypes} alternating rounds)")
+    if args.linear_rows:
+        got = bench_linear_rows(args.linear_rows)
+        if got is None:
+            print("linear rows: oneDNN takes no bf16 linear layer here")
+        else:
+            sizes, first, again = got
+            for name in first:
+                print(f"{name:>7} rows: 1,800 products of 1-6,400 rows ({sizes} counts) {first[name]:.2f} s compiling, "
+                      f"{again[name]:.2f} s compiled (median of {args.linear_rows} alternating passes)")
     if args.full_chunks:
         cfg = EncoderConfig(n_items=args.items, dim=args.dim)
         per_user = bench_full_chunks(cfg, device, args.batch, args.full_chunks, args.repeat)

@@ -83,8 +83,7 @@ def bucket_rows(rows: int) -> int:
     most 1/16 more rows). oneDNN compiles a kernel the first time it meets a shape, and a
     pass's rows (users x positions) take thousands of values: a new shape's first [rows, 256] x
     [256, 1024] product took ~0.8 ms (100-199 rows) to ~1.4 ms (1,000-1,099) more than the
-    next. 1,800 such products of 1-6,400 rows (687 sizes; scratch, one thread) took 2.5-2.6 s
-    rounded against 3.3 s, and 2.4-2.5 against 2.8-2.9 s again once compiled."""
+    next (scratch). `benchmarks/encoder.py --linear-rows` compares padded and exact rows."""
     if rows <= 32:
         return rows
     step = 1 << (rows.bit_length() - 5)
@@ -600,22 +599,23 @@ def for_serving(encoder: SequenceEncoder, token_index: dict[str, int], budget_by
                 lanes: int = 1) -> EncoderLanes:
     """The serving configuration: a bf16 cache (half the bytes to gather), and the linear
     layers in bf16 where the hardware runs bfloat16 fast (CUDA, AVX512-BF16); ``lanes``
-    caches of budget_bytes / lanes each, claimed now (`claim_cache_memory`)."""
+    caches of budget_bytes / lanes each, claimed now on the CPU (`check_cache_fits` first)."""
     from model.artifact import bf16_is_fast
 
     device = next(encoder.parameters()).device   # lanes < 1: EncoderLanes refuses the empty list
-    if device.type == "cpu":
-        claim_cache_memory(budget_bytes)
+    claim = device.type == "cpu"   # a GPU's memory is allocated at once anyway
+    if claim:
+        check_cache_fits(budget_bytes)
     bf16 = bf16_is_fast(device)
     if bf16:   # one bf16 copy of the blocks for all lanes (they only read it)
         encoder = with_bf16_linears(encoder.eval())
     return EncoderLanes([IncrementalEncoder(encoder, token_index, budget_bytes=budget_bytes // lanes, device=device,
-                                            dtype=torch.bfloat16, bf16=bf16, claim=device.type == "cpu")
+                                            dtype=torch.bfloat16, bf16=bf16, claim=claim)
                          for _ in range(lanes)])
 
 
-def claim_cache_memory(budget_bytes: int, available: int | None = None) -> None:
-    """Refuse a CPU cache budget the machine cannot hold; the caller then touches it all at once.
+def check_cache_fits(budget_bytes: int, available: int | None = None) -> None:
+    """Refuse a CPU cache budget the machine cannot hold, before it is claimed all at once.
 
     Claimed at start, a budget beyond the memory left fails here with its size, not as an
     out-of-memory kill hours later when the cache fills; and the pages are faulted in and zeroed

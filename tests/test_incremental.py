@@ -262,12 +262,12 @@ def test_fused_linear_rounds_rows_to_few_shapes_and_gives_the_same_products():
 def test_serving_claims_its_cache_at_start_and_refuses_more_than_the_memory_left():
     """A budget is faulted in (zeroed) when the model loads, not slot by slot under traffic,
     and one the machine cannot hold fails then, with its size."""
-    from model.incremental import available_memory_bytes, claim_cache_memory, for_serving
+    from model.incremental import available_memory_bytes, check_cache_fits, for_serving
 
     with pytest.raises(MemoryError, match=r"budget \(2,048 MiB, --cache-mb\) is more than the memory available "
                                           r"\(1,024 MiB\)"):
-        claim_cache_memory(2 << 30, available=1 << 30)
-    claim_cache_memory(1 << 20, available=1 << 30)
+        check_cache_fits(2 << 30, available=1 << 30)
+    check_cache_fits(1 << 20, available=1 << 30)
     free = available_memory_bytes()
     assert free is None or free > 1 << 20
     enc, index = make_encoder()
