@@ -11,6 +11,7 @@ the index then runs on faiss-gpu if installed, else as torch's exact search).
     python benchmarks/encoder.py --full-chunks 64 128 512 --lengths --bursts --index-items   # misses' pass size
     python benchmarks/encoder.py --serving-ops 7 --lengths --bursts --index-items --threads 1   # vs torch's ops
     python benchmarks/encoder.py --dtypes 5 --lengths --bursts --index-items --threads 1   # bf16 vs float32 here
+    python benchmarks/encoder.py --attention 5 --lengths --bursts --index-items --threads 1   # a step's attention
     python benchmarks/encoder.py --linear-rows 3 --lengths --bursts --index-items --threads 1   # padded rows
 
 Weights are random (speed does not depend on them); the width and depth are the recipe's.
@@ -172,6 +173,21 @@ def bench_dtypes(cfg: EncoderConfig, users: int, rounds: int):
     return alternating_rounds(variants, hist, users, rounds)
 
 
+def bench_attention(cfg: EncoderConfig, users: int, rounds: int):
+    """Medians over ``rounds`` alternating rounds, in one process, on the CPU (bf16 where fast):
+    the serving encoder with a step's attention over the cache as float32 products from
+    PRODUCTS_MIN_QUERIES queries (`attend_by_products`) against torch's fused operator always."""
+    bf16 = bf16_is_fast(torch.device("cpu"))
+    enc, index = random_encoder(cfg, torch.device("cpu"))
+    hist = histories(np.random.default_rng(0), users, 50 + 3 * 8, cfg.n_items)
+    variants = {}
+    for name, products in (("products (serving)", True), ("fused operator", False)):
+        inc = IncrementalEncoder(enc, index, budget_bytes=1 << 34, dtype=torch.bfloat16, bf16=bf16)
+        inc.attend_products = products
+        variants[name] = inc
+    return alternating_rounds(variants, hist, users, rounds)
+
+
 def bench_linear_rows(rounds: int):
     """A [rows, 256] x [256, 1024] + GELU oneDNN product (`FusedLinear`) over 1,800 row counts
     of 1-6,400 (the range of a pass's users x positions): rows padded by `bucket_rows` against
@@ -301,6 +317,9 @@ def main() -> None:
     p.add_argument("--dtypes", type=int, default=0, metavar="ROUNDS",
                    help="CPU: bf16 against float32 products (and the float32 encoder's attention and cache "
                         "dtypes), alternating rounds (full recomputes of --batch users, one-event passes)")
+    p.add_argument("--attention", type=int, default=0, metavar="ROUNDS",
+                   help="CPU: a step's attention as float32 products against torch's fused operator, "
+                        "alternating rounds (full recomputes of --batch users, one-event passes)")
     p.add_argument("--linear-rows", type=int, default=0, metavar="ROUNDS",
                    help="CPU, bf16: oneDNN products over 1,800 row counts, padded to few sizes against exact")
     p.add_argument("--full-chunks", type=int, nargs="*", default=[],
@@ -355,6 +374,12 @@ def main() -> None:
             print(f"{name:>22}: full recompute {t['full']:,.0f} us/user (L 50, {args.batch} users); one-event pass "
                   f"of 1 / 8 / 64 warm users {t[1]:,.0f} / {t[8]:,.0f} / {t[64]:,.0f} us "
                   f"(medians of {args.dtypes} alternating rounds)")
+    if args.attention:
+        cfg = EncoderConfig(n_items=args.items, dim=args.dim)
+        for name, t in bench_attention(cfg, args.batch, args.attention).items():
+            print(f"{name:>18}: full recompute {t['full']:,.0f} us/user (L 50, {args.batch} users); one-event pass "
+                  f"of 1 / 8 / 64 warm users {t[1]:,.0f} / {t[8]:,.0f} / {t[64]:,.0f} us "
+                  f"(medians of {args.attention} alternating rounds)")
     if args.linear_rows:
         got = bench_linear_rows(args.linear_rows)
         if got is None:
