@@ -11,7 +11,7 @@ the index then runs on faiss-gpu if installed, else as torch's exact search).
     python benchmarks/encoder.py --full-chunks 64 128 512 --lengths --bursts --index-items   # misses' pass size
     python benchmarks/encoder.py --serving-ops 7 --lengths --bursts --index-items --threads 1   # vs torch's ops
     python benchmarks/encoder.py --dtypes 5 --lengths --bursts --index-items --threads 1   # bf16 vs float32 here
-    python benchmarks/encoder.py --attention 5 --lengths --bursts --index-items --threads 1   # a step's attention
+    python benchmarks/encoder.py --attention 50 --lengths --bursts --index-items --threads 1   # a step's attention
     python benchmarks/encoder.py --linear-rows 3 --lengths --bursts --index-items --threads 1   # padded rows
 
 Weights are random (speed does not depend on them); the width and depth are the recipe's.
@@ -173,19 +173,37 @@ def bench_dtypes(cfg: EncoderConfig, users: int, rounds: int):
     return alternating_rounds(variants, hist, users, rounds)
 
 
-def bench_attention(cfg: EncoderConfig, users: int, rounds: int):
-    """Medians over ``rounds`` alternating rounds, in one process, on the CPU (bf16 where fast):
-    the serving encoder with a step's attention over the cache as float32 products from
-    PRODUCTS_MIN_QUERIES queries (`attend_by_products`) against torch's fused operator always."""
+def bench_attention(cfg: EncoderConfig, passes: int, sizes=(1, 8, 64, 512)):
+    """Medians of ``passes`` one-event passes of 1, 8, 64 and 512 warm users (L 50) per variant,
+    on the CPU (bf16 where fast): a step's attention over the cache as float32 products from
+    PRODUCTS_MIN_QUERIES queries (`attend_by_products`, serving) against torch's fused operator
+    always. One encoder, the variant switched pass by pass: two encoders' caches sit at
+    different addresses, and that alone moved a pass by up to ~15% (an A/A run)."""
     bf16 = bf16_is_fast(torch.device("cpu"))
     enc, index = random_encoder(cfg, torch.device("cpu"))
-    hist = histories(np.random.default_rng(0), users, 50 + 3 * 8, cfg.n_items)
-    variants = {}
-    for name, products in (("products (serving)", True), ("fused operator", False)):
-        inc = IncrementalEncoder(enc, index, budget_bytes=1 << 34, dtype=torch.bfloat16, bf16=bf16)
-        inc.attend_products = products
-        variants[name] = inc
-    return alternating_rounds(variants, hist, users, rounds)
+    warm_up = 10   # untimed passes per size first (kernels compiled, pages touched)
+    hist = histories(np.random.default_rng(0), max(sizes), 50 + 2 * (passes + warm_up), cfg.n_items)
+    inc = IncrementalEncoder(enc, index, budget_bytes=1 << 34, dtype=torch.bfloat16, bf16=bf16)
+    out = {}
+    for size in sizes:
+        inc.clear()
+        inc.encode([EncodeRequest(f"u{n}", h[:50], new=50, tail_after="50") for n, h in enumerate(hist[:size])])
+        spent = {True: [], False: []}
+        at = 50
+        for n in range(warm_up + passes):
+            for products in (True, False):
+                inc.attend_products = products
+                requests = [EncodeRequest(f"u{n}", hist[n][at - 49:at + 1], new=1, tail_before=str(at),
+                                          tail_after=str(at + 1)) for n in range(size)]
+                at += 1
+                started = time.perf_counter()
+                inc.encode(requests)
+                if n >= warm_up:
+                    spent[products].append(time.perf_counter() - started)
+        assert inc.stats.hits >= 2 * (warm_up + passes) * size, inc.stats.as_dict()
+        out[size] = {mode: float(np.median(t)) * 1e6 for mode, t in spent.items()}
+    inc.attend_products = True
+    return out
 
 
 def bench_linear_rows(rounds: int):
@@ -317,9 +335,9 @@ def main() -> None:
     p.add_argument("--dtypes", type=int, default=0, metavar="ROUNDS",
                    help="CPU: bf16 against float32 products (and the float32 encoder's attention and cache "
                         "dtypes), alternating rounds (full recomputes of --batch users, one-event passes)")
-    p.add_argument("--attention", type=int, default=0, metavar="ROUNDS",
+    p.add_argument("--attention", type=int, default=0, metavar="PASSES",
                    help="CPU: a step's attention as float32 products against torch's fused operator, "
-                        "alternating rounds (full recomputes of --batch users, one-event passes)")
+                        "one-event passes of 1, 8, 64 and 512 warm users alternating on one encoder")
     p.add_argument("--linear-rows", type=int, default=0, metavar="ROUNDS",
                    help="CPU, bf16: oneDNN products over 1,800 row counts, padded to few sizes against exact")
     p.add_argument("--full-chunks", type=int, nargs="*", default=[],
@@ -376,10 +394,9 @@ def main() -> None:
                   f"(medians of {args.dtypes} alternating rounds)")
     if args.attention:
         cfg = EncoderConfig(n_items=args.items, dim=args.dim)
-        for name, t in bench_attention(cfg, args.batch, args.attention).items():
-            print(f"{name:>18}: full recompute {t['full']:,.0f} us/user (L 50, {args.batch} users); one-event pass "
-                  f"of 1 / 8 / 64 warm users {t[1]:,.0f} / {t[8]:,.0f} / {t[64]:,.0f} us "
-                  f"(medians of {args.attention} alternating rounds)")
+        for size, t in bench_attention(cfg, args.attention).items():
+            print(f"one-event pass of {size} warm users (L 50): products (serving) {t[True]:,.0f} us, fused operator "
+                  f"{t[False]:,.0f} us (medians of {args.attention} passes each, alternating)")
     if args.linear_rows:
         got = bench_linear_rows(args.linear_rows)
         if got is None:

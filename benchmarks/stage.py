@@ -1,0 +1,118 @@
+"""The recommend stage alone on an end-to-end workload's batches: what one worker's recommend
+thread (and its lanes) can do, without a broker, the event loop or the load generator on the
+same cores -- the ceiling `streamrec bench e2e` approaches, and a steadier way to compare
+changes to the encoder, search and rerank than end-to-end runs (which move ~10-30% from run to
+run on 2 cores).
+
+    python benchmarks/stage.py --workload shop                         # trains a small model first
+    python benchmarks/stage.py --workload scale --model DIR --lanes 1 2 --repeats 2
+
+The events are the workload's first phase (`streamrec/bench.py`), cut into batches of
+``--max-batch`` events in arrival order (a worker at saturation takes full batches), coalesced
+per user and applied to each user's state as the pipeline does; each batch then goes through
+`Recommender.recommend_batch` with the worker's lanes. Each run starts from an empty encoder
+cache and the workload's initial states. Prints events/s and lists/s of the stage (wall and
+process CPU), thread seconds per stage, and the cache's hit rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import torch
+
+from model.artifact import keep_freed_memory
+from stream.events import event_from_dict
+from stream.recommender import Recommender
+from stream.state import UserState
+from stream.worker import WorkerSettings
+from streamrec.bench import E2EOptions, ScaleWorkload, ShopWorkload
+
+
+def batches(workload, events: list[dict], max_batch: int) -> list[list]:
+    """The phase's events as the pipeline's batches: (user, events of the batch) in first-seen order."""
+    out = []
+    for start in range(0, len(events), max_batch):
+        by_user: dict[str, list] = {}
+        for raw in events[start:start + max_batch]:
+            event = event_from_dict(raw)
+            by_user.setdefault(event.user_id, []).append(event)
+        out.append(list(by_user.items()))
+    return out
+
+
+def initial_states(workload) -> dict[str, bytes]:
+    """Encoded states before the phase (the scale workload's preloaded histories; the shop's: none)."""
+    if isinstance(workload, ShopWorkload):
+        return {}
+    from streamrec.synthetic import preloaded_state
+
+    return {user: preloaded_state(user, history).encode() for user, history in workload.histories.items()}
+
+
+def run(model: Path, lanes: int, work: list[list], start: dict[str, bytes]) -> dict:
+    """One pass over the batches with a fresh Recommender (an empty cache)."""
+    rec = Recommender(model, lanes=lanes)
+    stored = dict(start)
+    spent = {"encode": 0.0, "search": 0.0, "rerank": 0.0}
+    events = lists = 0
+    wall = cpu = 0.0
+    for batch in work:
+        states, users, new, tails, applied_events = [], [], [], [], []
+        for user, user_events in batch:   # the pipeline's stage 1, untimed: it runs on the event loop
+            state = UserState.decode(stored.get(user))
+            tails.append(state.last_event_id)
+            new.append(state.apply(user_events))
+            stored[user] = state.encode()
+            states.append(state)
+            users.append(user)
+            applied_events += user_events
+        started, started_cpu = time.perf_counter(), time.process_time()
+        result = rec.recommend_batch(states, applied_events, (), users, new, tails)
+        wall += time.perf_counter() - started
+        cpu += time.process_time() - started_cpu
+        for stage, seconds in result.timings.items():
+            spent[stage] += seconds
+        events += len(applied_events)
+        lists += len(result.lists)
+    counters = rec.cache_counters()
+    looked_up = counters.get("cache_hits", 0) + counters.get("cache_misses", 0)
+    return {"events": events, "lists": lists, "wall": wall, "cpu": cpu, "spent": spent,
+            "hits": counters.get("cache_hits", 0) / looked_up if looked_up else 0.0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", choices=("shop", "scale"), default="shop")
+    parser.add_argument("--model", type=Path, help="model directory (default: train one as bench e2e does)")
+    parser.add_argument("--events", type=int, default=20000, help="events of the phase")
+    parser.add_argument("--max-batch", type=int, default=512)
+    parser.add_argument("--lanes", type=int, nargs="+", default=[WorkerSettings.lanes])
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each lane count, alternating")
+    args = parser.parse_args()
+    keep_freed_memory()
+    options = E2EOptions(events=args.events, workload=args.workload)
+    workload = ShopWorkload(options) if args.workload == "shop" else ScaleWorkload(options)
+    model = args.model or workload.train(Path(tempfile.mkdtemp(prefix="streamrec-stage-")), options)
+    work = batches(workload, workload.phase(0), args.max_batch)
+    start = initial_states(workload)
+    print(f"{args.workload}: {sum(len(b) for b in work):,} lists of {args.events:,} events in {len(work)} batches "
+          f"(max {args.max_batch}); model {model}")
+    for repeat in range(args.repeats):
+        for lanes in args.lanes:
+            threads = WorkerSettings(broker="", model=None, lanes=lanes).torch_threads   # as the worker sets them
+            torch.set_num_threads(threads)
+            faiss.omp_set_num_threads(threads)
+            r = run(model, lanes, work, start)
+            stages = ", ".join(f"{k} {v / r['lists'] * 1e6:,.0f}" for k, v in r["spent"].items())
+            print(f"lanes {lanes}: {r['events'] / r['wall']:,.0f} events/s, {r['lists'] / r['wall']:,.0f} lists/s "
+                  f"(wall); process CPU {r['cpu'] / r['lists'] * 1e6:,.0f} us per list; thread us per list: "
+                  f"{stages}; cache hits {r['hits']:.1%}")
+
+
+if __name__ == "__main__":
+    main()
