@@ -289,30 +289,36 @@ class Reranker:
             return np.where(keep[:, :k], top, NOT_CHOSEN)
         gram = self._similarities(safe_rows) if diversity > 0 else None  # [B, C, C] cosines
         users_t = torch.arange(batch)
-        max_sim = np.zeros((batch, width), dtype=np.float32)
-        open_ = keep.copy()
+        # z - diversity * (max similarity to the chosen), -inf once chosen or closed. The max
+        # only grows, so each step takes the minimum with z - diversity * (similarity to the
+        # new pick): the same floats as recomputing it (rounding is monotone), in fewer passes
+        # over [B, C] -- the loop's fixed cost per step dominates a small batch's rerank.
+        marginal = np.where(keep, z, -np.inf).astype(np.float32)
+        open_ = keep.copy() if caps is not None else None
         chosen = np.full((batch, k), NOT_CHOSEN, dtype=np.int64)
         users = np.arange(batch)
         if caps is not None:
             cand_attrs = caps[safe_rows]  # [B, C, A]
             counts = np.zeros((batch, self._n_capped_attributes + 1), dtype=np.int32)
         for step in range(k):
-            marginal = np.where(open_, z - diversity * max_sim, -np.inf)
             pick = np.argmax(marginal, axis=1)
-            has = open_[users, pick]
+            has = marginal[users, pick] > -np.inf
             chosen[:, step] = np.where(has, pick, NOT_CHOSEN)
             if not has.any():
                 break
-            open_[users, pick] = False
+            marginal[users, pick] = -np.inf
             if diversity > 0:
-                np.maximum(max_sim, gram[users_t, :, torch.from_numpy(pick)].float().numpy(), out=max_sim)
+                similar = gram[users_t, :, torch.from_numpy(pick)].float().numpy()
+                np.minimum(marginal, z - diversity * similar, out=marginal)
             if caps is not None:
+                open_[users, pick] = False
                 # Only the attributes of this pick can have just reached the cap.
                 attrs = cand_attrs[users, pick]  # [B, A]; -1 pads count into the last slot
                 counts[users[:, None], attrs] += has[:, None]  # an item's attributes are distinct
                 counts[:, -1] = 0
                 full = np.where(counts[users[:, None], attrs] >= self.config.max_per_attribute, attrs, -2)
                 open_ &= ~(cand_attrs[:, :, :, None] == full[:, None, None, :]).any(axis=(2, 3))
+                marginal[~open_] = -np.inf
         return chosen
 
     def _similarities(self, rows: np.ndarray):

@@ -200,3 +200,41 @@ def test_diversity_and_because_in_either_product_precision(monkeypatch, dtype):
     assert ids(diverse)[0] == "i0"
     assert sum(item in {"i0", "i1", "i2", "i3", "i4"} for item in ids(diverse)) == 1
     assert all(entry["because"] == "i9" for entry in diverse)
+
+
+def mmr_reference(z: np.ndarray, gram: np.ndarray, k: int, diversity: float) -> list[int]:
+    """Greedy MMR for one user, spelled out: the candidate maximising z - diversity * max(0,
+    highest similarity to the chosen); -inf z never chosen."""
+    chosen: list[int] = []
+    for _ in range(k):
+        best, best_value = None, -np.inf
+        for c in range(len(z)):
+            if c in chosen or z[c] == -np.inf:
+                continue
+            closest = max([np.float32(0.0)] + [gram[c, p] for p in chosen])
+            value = z[c] - np.float32(diversity) * closest
+            if value > best_value:
+                best, best_value = c, value
+        if best is None:
+            break
+        chosen.append(best)
+    return chosen
+
+
+@pytest.mark.parametrize("diversity", [0.5, 2.0])
+def test_the_batched_greedy_selection_is_per_user_mmr(diversity):
+    """The batched loop (the minimum taken step by step) picks what MMR picks for each user."""
+    rng = np.random.default_rng(3)
+    reranker = make_reranker(n=60, config=RerankConfig(k=12, diversity=diversity))
+    batch, width = 6, 40
+    rows = np.stack([rng.permutation(60)[:width] for _ in range(batch)])
+    z = rng.standard_normal((batch, width)).astype(np.float32)
+    keep = rng.random((batch, width)) > 0.2
+    keep[-1, 5:] = False   # a user with fewer candidates than k
+    z = np.where(keep, z, -np.inf).astype(np.float32)
+    chosen = reranker._select(z, rows, keep)
+    gram = reranker._similarities(rows).float().numpy()
+    for user in range(batch):
+        expected = mmr_reference(z[user], gram[user], 12, diversity)
+        assert chosen[user][: len(expected)].tolist() == expected
+        assert (chosen[user][len(expected):] == rerank.NOT_CHOSEN).all()
