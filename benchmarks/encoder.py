@@ -190,7 +190,7 @@ def bench_attention(cfg: EncoderConfig, passes: int, sizes=(1, 8, 64, 512)):
         inc.encode([EncodeRequest(f"u{n}", h[:50], new=50, tail_after="50") for n, h in enumerate(hist[:size])])
         spent = {True: [], False: []}
         at = 50
-        for n in range(warm_up + passes):
+        for round_ in range(warm_up + passes):
             for products in (True, False):
                 inc.attend_products = products
                 requests = [EncodeRequest(f"u{n}", hist[n][at - 49:at + 1], new=1, tail_before=str(at),
@@ -198,11 +198,10 @@ def bench_attention(cfg: EncoderConfig, passes: int, sizes=(1, 8, 64, 512)):
                 at += 1
                 started = time.perf_counter()
                 inc.encode(requests)
-                if n >= warm_up:
+                if round_ >= warm_up:
                     spent[products].append(time.perf_counter() - started)
         assert inc.stats.hits >= 2 * (warm_up + passes) * size, inc.stats.as_dict()
         out[size] = {mode: float(np.median(t)) * 1e6 for mode, t in spent.items()}
-    inc.attend_products = True
     return out
 
 

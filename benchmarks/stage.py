@@ -27,13 +27,13 @@ import torch
 
 from model.artifact import keep_freed_memory
 from stream.events import event_from_dict
-from stream.recommender import Recommender
+from stream.recommender import RECOMMEND_STAGES, Recommender
 from stream.state import UserState
 from stream.worker import WorkerSettings
 from streamrec.bench import E2EOptions, ScaleWorkload, ShopWorkload
 
 
-def batches(workload, events: list[dict], max_batch: int) -> list[list]:
+def batches(events: list[dict], max_batch: int) -> list[list]:
     """The phase's events as the pipeline's batches: (user, events of the batch) in first-seen order."""
     out = []
     for start in range(0, len(events), max_batch):
@@ -45,20 +45,11 @@ def batches(workload, events: list[dict], max_batch: int) -> list[list]:
     return out
 
 
-def initial_states(workload) -> dict[str, bytes]:
-    """Encoded states before the phase (the scale workload's preloaded histories; the shop's: none)."""
-    if isinstance(workload, ShopWorkload):
-        return {}
-    from streamrec.synthetic import preloaded_state
-
-    return {user: preloaded_state(user, history).encode() for user, history in workload.histories.items()}
-
-
 def run(model: Path, lanes: int, work: list[list], start: dict[str, bytes]) -> dict:
     """One pass over the batches with a fresh Recommender (an empty cache)."""
     rec = Recommender(model, lanes=lanes)
     stored = dict(start)
-    spent = {"encode": 0.0, "search": 0.0, "rerank": 0.0}
+    spent = dict.fromkeys(RECOMMEND_STAGES, 0.0)
     events = lists = 0
     wall = cpu = 0.0
     for batch in work:
@@ -98,8 +89,8 @@ def main() -> None:
     options = E2EOptions(events=args.events, workload=args.workload)
     workload = ShopWorkload(options) if args.workload == "shop" else ScaleWorkload(options)
     model = args.model or workload.train(Path(tempfile.mkdtemp(prefix="streamrec-stage-")), options)
-    work = batches(workload, workload.phase(0), args.max_batch)
-    start = initial_states(workload)
+    work = batches(workload.phase(0), args.max_batch)
+    start = {user: state.encode() for user, state in workload.states()}
     print(f"{args.workload}: {sum(len(b) for b in work):,} lists of {args.events:,} events in {len(work)} batches "
           f"(max {args.max_batch}); model {model}")
     for repeat in range(args.repeats):

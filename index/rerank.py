@@ -292,9 +292,8 @@ class Reranker:
         # z - diversity * (max similarity to the chosen), -inf once chosen or closed. The max
         # only grows, so each step takes the minimum with z - diversity * (similarity to the
         # new pick): the same floats as recomputing it (rounding is monotone), in fewer passes
-        # over [B, C] -- the loop's fixed cost per step dominates a small batch's rerank.
-        marginal = np.where(keep, z, -np.inf).astype(np.float32)
-        open_ = keep.copy() if caps is not None else None
+        # over [B, C]; attribute caps close candidates by setting them to -inf too.
+        marginal = np.where(keep, z, -np.inf)
         chosen = np.full((batch, k), NOT_CHOSEN, dtype=np.int64)
         users = np.arange(batch)
         if caps is not None:
@@ -311,14 +310,12 @@ class Reranker:
                 similar = gram[users_t, :, torch.from_numpy(pick)].float().numpy()
                 np.minimum(marginal, z - diversity * similar, out=marginal)
             if caps is not None:
-                open_[users, pick] = False
                 # Only the attributes of this pick can have just reached the cap.
                 attrs = cand_attrs[users, pick]  # [B, A]; -1 pads count into the last slot
                 counts[users[:, None], attrs] += has[:, None]  # an item's attributes are distinct
                 counts[:, -1] = 0
                 full = np.where(counts[users[:, None], attrs] >= self.config.max_per_attribute, attrs, -2)
-                open_ &= ~(cand_attrs[:, :, :, None] == full[:, None, None, :]).any(axis=(2, 3))
-                marginal[~open_] = -np.inf
+                marginal[(cand_attrs[:, :, :, None] == full[:, None, None, :]).any(axis=(2, 3))] = -np.inf
         return chosen
 
     def _similarities(self, rows: np.ndarray):

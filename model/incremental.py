@@ -203,9 +203,10 @@ class IncrementalEncoder:
         self.dtype = dtype or torch.float32
         # bf16 matrix products (CUDA, AVX512-BF16): ~2x the vectors/s, agreement to ~1e-2
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
-        self.attend_products = self.device.type == "cpu"   # see _attend
-        # else a step attends in the cache's dtype where bf16 is fast, else in float32: a bf16 cache
-        # on a CPU without bf16 instructions is upcast (emulated bf16 attention cost more)
+        # a step's attention (_attend): as float32 products on the CPU from PRODUCTS_MIN_QUERIES
+        # queries; otherwise fused, in the cache's dtype where bf16 is fast, else in float32 (a
+        # bf16 cache on a CPU without bf16 instructions is upcast: emulated bf16 cost more)
+        self.attend_products = self.device.type == "cpu"
         self.attend_dtype = self.dtype if bf16 else torch.float32
         self.window = cfg.max_len
         self.round_cost = round_cost

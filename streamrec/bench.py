@@ -92,6 +92,10 @@ class ShopWorkload:
 
         return _train(log_from_events(self.events), workdir, TrainConfig(epochs=options.train_epochs), positions)
 
+    def states(self):
+        """(user, UserState) before the first phase: none, every phase's users are new."""
+        return iter(())
+
     async def preload(self, bootstrap: str, partitions: int, legacy: bool = False) -> None:
         pass
 
@@ -120,11 +124,16 @@ class ScaleWorkload:
         return _train(sample, workdir, TrainConfig(epochs=1, negatives=2048, val_users=2000, max_minutes=5),
                       positions)
 
+    def states(self):
+        """(user, UserState) before the first phase: every user's full history."""
+        from streamrec.synthetic import preloaded_state
+
+        return ((user, preloaded_state(user, history)) for user, history in self.histories.items())
+
     async def preload(self, bootstrap: str, partitions: int, legacy: bool = False) -> None:
         """Every user's history as a state row in the changelog (``legacy``: the format of
         versions before state v2, for an earlier commit's worker)."""
         from stream.worker import WorkerSettings
-        from streamrec.synthetic import preloaded_state
 
         settings = WorkerSettings(broker=bootstrap, model=Path("."), partitions=partitions)
         from stream import compat
@@ -132,8 +141,7 @@ class ScaleWorkload:
         await compat.ensure_topics(bootstrap, settings.topics(), settings.topic_configs())
 
         def rows():
-            for user, history in self.histories.items():
-                state = preloaded_state(user, history)
+            for user, state in self.states():
                 if legacy:
                     import msgpack
 
