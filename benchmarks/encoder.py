@@ -13,6 +13,7 @@ the index then runs on faiss-gpu if installed, else as torch's exact search).
     python benchmarks/encoder.py --dtypes 5 --lengths --bursts --index-items --threads 1   # bf16 vs float32 here
     python benchmarks/encoder.py --attention 50 --lengths --bursts --index-items --threads 1   # a step's attention
     python benchmarks/encoder.py --linear-rows 3 --lengths --bursts --index-items --threads 1   # padded rows
+    python benchmarks/encoder.py --packing 20 --lengths --bursts --index-items --threads 1   # misses packed
 
 Weights are random (speed does not depend on them); the width and depth are the recipe's.
 """
@@ -26,7 +27,8 @@ import numpy as np
 import torch
 
 from model.artifact import bf16_is_fast, keep_freed_memory
-from model.encoder import EncoderConfig, SequenceEncoder
+from model.data import featurize
+from model.encoder import EncoderConfig, Packing, SequenceEncoder, encode_packed
 from model.incremental import EncodeRequest, FusedLinear, IncrementalEncoder
 
 
@@ -238,6 +240,46 @@ def bench_linear_rows(rounds: int):
     return len(set(rows)), first, {name: float(np.median(t)) for name, t in again.items()}
 
 
+def bench_packing(cfg: EncoderConfig, rounds: int, pass_users=(16, 128)):
+    """A full-recompute pass's forward (bf16 where fast) over windows packed whole into rows
+    (`Packing`, serving) against the same windows left-padded to the longest (the encoder's
+    own forward, newest position only): µs per user, medians of ``rounds`` alternating rounds,
+    for passes of ``pass_users`` users with windows of 1-50 events (uniform) and of 50 each."""
+    device = torch.device("cpu")
+    bf16 = bf16_is_fast(device)
+    enc, index = random_encoder(cfg, device)
+    if bf16:
+        from model.incremental import with_bf16_linears
+
+        enc = with_bf16_linears(enc)
+    rng = np.random.default_rng(0)
+    out = {}
+    for users in pass_users:
+        for mix, lengths in (("1-50 events", rng.integers(1, 51, users)), ("50 events", np.full(users, 50))):
+            hist = [h[:n] for h, n in zip(histories(rng, users, 50, cfg.n_items), lengths)]
+            *columns, known = featurize(hist, index, cfg.max_len)
+            padded = [torch.from_numpy(c) for c in columns]
+            width = columns[0].shape[1]
+            real = np.arange(width)[None, :] >= (width - known)[:, None]
+
+            def packed():
+                packing = Packing.of(known)
+                encode_packed(enc, *(torch.from_numpy(packing.lay_out(c[real])) for c in columns), packing)
+
+            variants = {"packed": packed, "padded": lambda: enc(*padded, last_only=True)}
+            spent = {name: [] for name in variants}
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                for round_ in range(rounds + 1):   # round 0 warms up
+                    for name, run in variants.items():
+                        started = time.perf_counter()
+                        run()
+                        if round_:
+                            spent[name].append(time.perf_counter() - started)
+            rows = Packing.of(known).owner.shape[0]
+            out[(users, mix)] = ({name: float(np.median(t)) / users * 1e6 for name, t in spent.items()}, rows)
+    return out
+
+
 def alternating_rounds(variants: dict[str, IncrementalEncoder], hist, users: int, rounds: int):
     """Per variant, medians over ``rounds`` rounds (variants alternating within each): µs per
     user of a full recompute (L 50, ``users`` users new to the cache) and µs per one-event pass
@@ -339,6 +381,8 @@ def main() -> None:
                         "one-event passes of 1, 8, 64 and 512 warm users alternating on one encoder")
     p.add_argument("--linear-rows", type=int, default=0, metavar="ROUNDS",
                    help="CPU, bf16: oneDNN products over 1,800 row counts, padded to few sizes against exact")
+    p.add_argument("--packing", type=int, default=0, metavar="ROUNDS",
+                   help="CPU: a full recompute's windows packed into rows against left-padded, mixed lengths")
     p.add_argument("--full-chunks", type=int, nargs="*", default=[],
                    help="users per full-recompute pass: microseconds per user of --batch users new to the cache")
     p.add_argument("--glibc-defaults", action="store_true",
@@ -405,6 +449,11 @@ def main() -> None:
             for name in first:
                 print(f"{name:>7} rows: 1,800 products of 1-6,400 rows ({sizes} counts) {first[name]:.2f} s compiling, "
                       f"{again[name]:.2f} s compiled (median of {args.linear_rows} alternating passes)")
+    if args.packing:
+        cfg = EncoderConfig(n_items=args.items, dim=args.dim)
+        for (users, mix), (t, rows) in bench_packing(cfg, args.packing).items():
+            print(f"full-recompute pass of {users} users of {mix}: packed into {rows} rows {t['packed']:,.0f} us/user, "
+                  f"left-padded {t['padded']:,.0f} (medians of {args.packing} alternating rounds)")
     if args.full_chunks:
         cfg = EncoderConfig(n_items=args.items, dim=args.dim)
         per_user = bench_full_chunks(cfg, device, args.batch, args.full_chunks, args.repeat)

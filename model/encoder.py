@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -286,3 +287,142 @@ class SequenceEncoder(nn.Module):
         for n, block in enumerate(self.blocks):
             x = block(x, mask, rotation, kv_out, last_only and n == last)
         return x
+
+
+@dataclass
+class Packing:
+    """Users' windows packed whole into rows as wide as the longest (first-fit by decreasing
+    length), several short ones to a row, each position attending only to its own user's
+    earlier ones.
+
+    Serving's full recomputes take windows of all lengths at once; left-padded to the longest,
+    a burst of short sessions (the demo shop: 11.7 events on average, padded to 28) computed
+    2.4 positions per real one. Packed rows keep the padded pass's shapes (the same products,
+    one attention call) for a fraction of the rows."""
+
+    lengths: np.ndarray     # [B] known events of each user
+    row: np.ndarray         # [B] the row each user's window is in
+    column: np.ndarray      # [B] where it starts in that row
+    rank: np.ndarray        # [B] how many windows come before it in that row
+    owner: np.ndarray       # [R, W] the user at each place, -1: padding
+    place: np.ndarray       # [R, W] its position in that user's window (0: the oldest), -1: padding
+
+    @classmethod
+    def of(cls, lengths) -> "Packing":
+        lengths = np.asarray(lengths, dtype=np.int64)
+        width = int(lengths.max(initial=1))
+        fill: list[int] = []
+        count: list[int] = []
+        row, column, rank = (np.zeros(len(lengths), dtype=np.int64) for _ in range(3))
+        order = np.argsort(-lengths, kind="stable").tolist()
+        smallest = int(lengths[order[-1]]) if order else 0
+        open_rows: list[int] = []   # rows with room for the smallest window, in order
+        for u in order:
+            n = int(lengths[u])
+            r = next((i for i in open_rows if fill[i] + n <= width), None)
+            if r is None:
+                r = len(fill)
+                fill.append(0)
+                count.append(0)
+                open_rows.append(r)
+            row[u], column[u], rank[u] = r, fill[r], count[r]
+            fill[r] += n
+            count[r] += 1
+            if fill[r] + smallest > width:
+                open_rows.remove(r)
+        owner = np.full((len(fill), width), -1, dtype=np.int64)
+        place = np.full((len(fill), width), -1, dtype=np.int64)
+        rows, cols, user, position = cls._spots(lengths, row, column)
+        owner[rows, cols], place[rows, cols] = user, position
+        return cls(lengths, row, column, rank, owner, place)
+
+    @staticmethod
+    def _spots(lengths, row, column):
+        """(row, column, user, position) of every known event, users in order, oldest first."""
+        user = np.repeat(np.arange(len(lengths)), lengths)
+        position = np.arange(int(lengths.sum())) - (np.cumsum(lengths) - lengths)[user]
+        return row[user], column[user] + position, user, position
+
+    def spots(self):
+        return self._spots(self.lengths, self.row, self.column)
+
+    def lay_out(self, flat: np.ndarray) -> np.ndarray:
+        """Values of every known event (users in order, oldest first) -> [R, W], 0 where padding."""
+        out = np.zeros(self.owner.shape, dtype=flat.dtype)
+        rows, cols, _, _ = self.spots()
+        out[rows, cols] = flat
+        return out
+
+    def crossing(self, back: int) -> tuple[np.ndarray, np.ndarray]:
+        """(row, column) of the places whose ``back``-th place before lies in another window:
+        the first ``back`` places of each window that does not start its row."""
+        later = np.flatnonzero(self.column > 0)
+        steps = np.arange(back)
+        rows = np.repeat(self.row[later], back)
+        columns = (self.column[later][:, None] + steps).reshape(-1)
+        inside = (steps[None, :] < self.lengths[later][:, None]).reshape(-1) & (columns >= back)
+        return rows[inside], columns[inside]
+
+    def visible(self) -> np.ndarray:
+        """[R, W(query), W(key)]: a position sees its own user's places up to its own; padding
+        sees itself, so that no softmax row is empty (its output is dropped)."""
+        mask = (self.owner[:, :, None] == self.owner[:, None, :]) & (self.place[:, None, :] <= self.place[:, :, None])
+        return mask | np.eye(self.owner.shape[1], dtype=bool)
+
+
+def encode_packed(encoder: "SequenceEncoder", items, types, gaps, packing: Packing,
+                  kv_out: list | None = None) -> torch.Tensor:
+    """Each user's newest output [B, dim] from id tensors [R, W] laid out by ``packing``: what
+    ``encoder(...)[:, -1]`` gives for the same windows left-padded, with fewer rows. ``kv_out``
+    collects each layer's keys and values, [R, H, W, head_dim], keys rotated by their column (a
+    user's window sits in its row as positions column .. column + length - 1). Rotary models
+    only: learned positions count back from the newest event."""
+    if encoder.cfg.positions != "rope":
+        raise ValueError("packed encoding needs rotary positions (positions='rope')")
+    device = items.device
+    x = encoder.embed(items, types, gaps)                                         # [R, W, D]
+    if encoder.cfg.conv_kernel > 1:
+        # mix_recent over the rows (padding only ever follows a row's last window), then the
+        # few places that took in the end of the window before theirs take it out again
+        weight = encoder.conv[:, 0].to(x.dtype)
+        last = weight.shape[1] - 1
+        out = torch.addcmul(x, x, weight[:, last])
+        for back in range(1, min(last, x.shape[1] - 1) + 1):
+            out[:, back:].addcmul_(x[:, :-back], weight[:, last - back])
+            rows, columns = (torch.from_numpy(a).to(device) for a in packing.crossing(back))
+            if len(rows):
+                out.index_put_((rows, columns), -x[rows, columns - back] * weight[:, last - back], accumulate=True)
+        x = out
+    x = encoder.ln_in(x)
+    # rotated by column, not by place: within a user's window the distances are the same
+    rotation = encoder.rotation(torch.arange(packing.owner.shape[1], device=device))   # [2, W, hd]
+    mask = torch.from_numpy(packing.visible()).to(device)[:, None]               # [R, 1, W, W]
+    rows = torch.from_numpy(packing.row).to(device)
+    rank = torch.from_numpy(packing.rank).to(device)
+    at = torch.from_numpy(packing.column + packing.lengths - 1).to(device)       # each user's newest column
+    final = len(encoder.blocks) - 1
+    for n, block in enumerate(encoder.blocks):
+        attn = block.attn
+        qkv = attn.project(x)                                                      # [R, W, 3, H, hd]
+        if n < final:
+            q, k = rotate(qkv[:, :, :2], rotation[:, :, None, None]).unbind(2)
+            q, k, v = (t.transpose(1, 2) for t in (q, k, qkv[:, :, 2]))          # [R, H, W, hd]
+            if kv_out is not None:
+                kv_out.append((k, v))
+            x = block.residual(x, attn.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
+            continue
+        # the newest places alone go on: each row's users' newest queries over that row's keys
+        k = rotate(qkv[:, :, 1], rotation[:, :, None]).transpose(1, 2)
+        v = qkv[:, :, 2].transpose(1, 2)
+        if kv_out is not None:
+            kv_out.append((k, v))
+        queries = int(packing.rank.max(initial=0)) + 1
+        q = rotate(qkv[rows, at, 0], rotation[:, at, None])                          # [B, H, hd]
+        laid = q.new_zeros(k.shape[0], queries, *q.shape[1:])
+        laid[rows, rank] = q
+        sees = torch.ones(k.shape[0], 1, queries, k.shape[2], dtype=torch.bool, device=device)
+        sees[rows, 0, rank] = mask[rows, 0, at]
+        y = F.scaled_dot_product_attention(laid.transpose(1, 2), k, v, attn_mask=sees)   # [R, H, Q, hd]
+        y = y.transpose(1, 2)[rows, rank]                                            # [B, H, hd]
+        x = block.residual(x[rows, at], attn.proj(y.reshape(y.shape[0], -1)))
+    return x

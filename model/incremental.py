@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from model.data import Interaction, TYPE_ID, featurize, gap_bucket
-from model.encoder import SequenceEncoder, rotate
+from model.encoder import Packing, SequenceEncoder, encode_packed, rotate
 
 DEFAULT_BUDGET_BYTES = 1 << 30      # 1 GiB of keys/values: ~10k active users at 256 wide, bf16
 MAX_STEPS = 8                       # more new known events than this in one batch: encode in full
@@ -48,6 +48,11 @@ STEP_POSITION_COST = 1.5
 # against 657-904 in one pass (bf16, 1 thread, 6 alternating runs: benchmarks/encoder.py
 # --full-chunks 128 512)
 FULL_CHUNK = 128
+# a full-recompute pass packs its windows into shared rows (model/encoder.py) only when that
+# saves at least this many padded positions: the packing's indexing costs a pass ~0.3-0.6 ms,
+# the work of ~30-50 positions (bf16, 1 thread, scratch runs, alternating: one window of 1-50
+# events 1,869 against 1,587 us, 8 windows of 50 events 5,518-5,814 against 4,678-5,123)
+PACK_MIN_SAVED_POSITIONS = 48
 REBASE_WINDOWS = 64                 # positions move back by this many windows (3,200 at max_len 50)
 
 
@@ -491,34 +496,47 @@ class IncrementalEncoder:
             self.stats.misses += 1
         if not len(known):
             return
-        tensors = [torch.from_numpy(c[known]).to(self.device) for c in columns]
-        width = tensors[0].shape[1]   # the longest known window
+        lengths = lengths[known]
         kvs: list = []
-        h = self.encoder(*tensors, kv_out=kvs, last_only=True)[:, -1].float()       # [B, D]
-        # the padded window goes into ring slots 0..width-1 as positions 0..width-1, the left
-        # padding of each user below its `start`: one scatter per tensor, not one per user
+        width = columns[0].shape[1]
+        padding = len(lengths) * width - int(lengths.sum())   # what packing could save at most
+        packing = Packing.of(lengths) if padding >= PACK_MIN_SAVED_POSITIONS else None
+        if packing is not None and (len(lengths) - len(packing.owner)) * width >= PACK_MIN_SAVED_POSITIONS:
+            real = np.arange(width)[None, :] >= (width - lengths)[:, None]   # featurize left-pads
+            ids = [packing.lay_out(c[known][real]) for c in columns]
+            h = encode_packed(self.encoder, *(torch.from_numpy(i).to(self.device) for i in ids), packing,
+                              kv_out=kvs).float()                                           # [B, D]
+            rows, column = packing.row, packing.column
+        else:   # (almost) one window a row anyway: left-padded, without the packing's indexing
+            ids = [c[known] for c in columns]
+            h = self.encoder(*(torch.from_numpy(i).to(self.device) for i in ids), kv_out=kvs,
+                             last_only=True)[:, -1].float()
+            rows, column = np.arange(len(known)), width - lengths
         slots = np.array([self._slot_for(requests[n].user) for n in known])
         out[np.asarray(where)[known]] = h.cpu().numpy()
         self.stats.misses += len(known)
         # a budget smaller than the batch hands a slot on within it: the last user keeps it
         _, last = np.unique(slots[::-1], return_index=True)
         if len(last) < len(slots):
-            rows = np.sort(len(slots) - 1 - last)
-            slots, known, h = slots[rows], known[rows], h[torch.from_numpy(rows)]
-            kvs = [(k[rows], v[rows]) for k, v in kvs]
-            tensors = [t[torch.from_numpy(rows).to(self.device)] for t in tensors]
-        index = torch.from_numpy(slots).to(self.device)
-        # whole slots, zeros past the window (never attended to, but 0 * NaN is NaN)
-        for layer, (k, v) in enumerate(kvs):   # keys come rotated by their positions 0..width-1
-            self._put(self.keys[layer], slots, k.to(self.dtype))
-            self._put(self.values[layer], slots, v.to(self.dtype))
-        if self.before:
-            tail = [t[:, -self.before:] for t in tensors]
-            tail = [F.pad(t, (self.before - t.shape[1], 0)) for t in tail]   # a window shorter than that
+            keep = np.sort(len(slots) - 1 - last)
+            slots, known, h, lengths = slots[keep], known[keep], h[torch.from_numpy(keep)], lengths[keep]
+            rows, column = rows[keep], column[keep]
+        # each user's whole row goes into ring slots 0..width-1 as positions 0..width-1, its own
+        # window at column..column + length - 1 and the places before it below its ``start``
+        # (hidden; those after it lie ahead of its ``count``): one copy per tensor, not one per user
+        every = len(rows) == len(ids[0]) and (rows == np.arange(len(rows))).all()
+        index = torch.from_numpy(rows).to(self.device)
+        for layer, (k, v) in enumerate(kvs):
+            self._put(self.keys[layer], slots, (k if every else k.index_select(0, index)).to(self.dtype))
+            self._put(self.values[layer], slots, (v if every else v.index_select(0, index)).to(self.dtype))
+        if self.before:   # each window's last ``before`` ids, 0 before its start
+            back = column[:, None] + lengths[:, None] - self.before + np.arange(self.before)[None, :]
+            tail = [torch.from_numpy(np.where(back >= column[:, None], i[rows[:, None], back.clip(0)], 0))
+                    .to(self.device) for i in ids]
             self._put(self.recent, slots, (self.encoder.embed(*tail) * (tail[0] > 0)[..., None]).to(self.dtype))
-        self.count[slots] = width
-        self.start[slots] = width - lengths[known]
-        self.out[index] = h
+        self.count[slots] = column + lengths
+        self.start[slots] = column
+        self.out[torch.from_numpy(slots).to(self.device)] = h
         for n, slot in zip(known, slots):
             self.tail[slot] = requests[n].tail_after
 

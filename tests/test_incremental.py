@@ -382,6 +382,36 @@ def test_full_recomputes_in_passes_of_a_few_users_equal_one_pass(monkeypatch):
     np.testing.assert_allclose(then, one_then, atol=1e-6)
 
 
+@pytest.mark.parametrize("pack", [True, False])
+def test_windows_recomputed_several_to_a_row_step_on_as_full_recomputation(monkeypatch, pack):
+    """A full recompute packs short windows together (model/encoder.py) where that saves
+    enough: each user's cached keys, at its own columns of the shared row, are what its next
+    steps attend to -- as when the same windows are left-padded."""
+    from model import encoder, incremental
+
+    monkeypatch.setattr(incremental, "PACK_MIN_SAVED_POSITIONS", 1 if pack else 10 ** 9)
+    packed = []
+
+    def counted(*args, **kwargs):
+        packed.append(1)
+        return encoder.encode_packed(*args, **kwargs)
+
+    monkeypatch.setattr(incremental, "encode_packed", counted)
+    enc, index = make_encoder()
+    rng = np.random.default_rng(9)
+    hists = [history(rng, length) for length in (9, 2, 8, 1, 3, 6)]   # within the window after 3 more
+    later = [history(rng, 3) for _ in hists]
+    inc = IncrementalEncoder(enc, index, budget_bytes=1 << 20)
+    inc.encode([EncodeRequest(f"u{n}", h, new=len(h) + 99, tail_after="0") for n, h in enumerate(hists)])
+    for step in range(1, 4):
+        got = inc.encode([EncodeRequest(f"u{n}", h + e[:step], new=1, tail_before=str(step - 1), tail_after=str(step))
+                          for n, (h, e) in enumerate(zip(hists, later))])
+        for n, (h, e) in enumerate(zip(hists, later)):
+            np.testing.assert_allclose(got[n], full(enc, index, h + e[:step], 12), atol=TOLERANCE)
+    assert inc.stats.misses == len(hists) and inc.stats.hits == 3 * len(hists)
+    assert len(packed) == pack
+
+
 def test_cache_counters_are_running_totals_across_a_hot_swap(tiny_model):
     from stream.recommender import Recommender, ServingModel
     from stream.state import UserState

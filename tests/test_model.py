@@ -191,6 +191,58 @@ def test_rotary_keys_rotate_each_coordinate_pair_by_its_angle():
     torch.testing.assert_close(score, (rotate(q, rotation_tables(4 * freqs)) * k).sum())
 
 
+def test_packing_puts_each_window_whole_into_one_row_without_overlap():
+    from model.encoder import Packing
+
+    lengths = np.array([5, 1, 8, 3, 2, 8, 4])
+    packing = Packing.of(lengths)
+    rows, width = packing.owner.shape
+    assert width == 8 and rows < len(lengths)   # several short windows share a row
+    for user, n in enumerate(lengths):
+        row, column = packing.row[user], packing.column[user]
+        assert (packing.owner[row, column:column + n] == user).all()
+        assert packing.place[row, column:column + n].tolist() == list(range(n))
+    assert (packing.owner >= 0).sum() == lengths.sum()   # nothing overlaps
+    for row in range(rows):   # the windows of a row are ranked 0, 1, ... from its start
+        mine = np.flatnonzero(packing.row == row)
+        assert sorted(packing.rank[mine]) == list(range(len(mine)))
+        assert (np.argsort(packing.column[mine]) == np.argsort(packing.rank[mine])).all()
+    flat = np.arange(1, lengths.sum() + 1)
+    laid = packing.lay_out(flat)
+    assert sorted(laid[laid > 0].tolist()) == flat.tolist()
+    assert (laid[packing.row, packing.column + lengths - 1] == np.cumsum(lengths)).all()   # each newest event
+    visible = packing.visible()
+    row, column = packing.row[2], packing.column[2]   # user 2 sees its own earlier events only
+    assert visible[row, column + 3].tolist() == [c in range(column, column + 4) for c in range(width)]
+
+
+@pytest.mark.parametrize("conv_kernel", [0, 3])
+def test_packed_windows_encode_as_the_left_padded_batch(conv_kernel):
+    """Windows packed several to a row (serving's full recompute) give each user the vector
+    the padded batch gives it: attention and the input convolution stay inside each window."""
+    from model.encoder import Packing, encode_packed
+
+    torch.manual_seed(0)
+    enc = SequenceEncoder(EncoderConfig(n_items=30, max_len=10, dim=16, n_heads=2, conv_kernel=conv_kernel)).eval()
+    for p in enc.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    rng = np.random.default_rng(0)
+    lengths = np.array([10, 3, 1, 6, 4, 2, 7, 1])
+    padded = [np.zeros((len(lengths), 10), dtype=np.int64) for _ in range(3)]
+    for user, n in enumerate(lengths):
+        for values, high in zip(padded, (31, 5, 8)):
+            values[user, 10 - n:] = rng.integers(1, high, n)
+    packing = Packing.of(lengths)
+    real = np.arange(10)[None, :] >= (10 - lengths)[:, None]
+    with torch.no_grad():
+        want = enc(*(torch.from_numpy(v) for v in padded))[:, -1]
+        kvs = []
+        got = encode_packed(enc, *(torch.from_numpy(packing.lay_out(v[real])) for v in padded), packing, kv_out=kvs)
+    assert packing.owner.shape[0] < len(lengths)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert len(kvs) == 2 and kvs[0][0].shape == (packing.owner.shape[0], 2, packing.owner.shape[1], 8)
+
+
 def test_keep_freed_memory_sets_malloc_where_glibc_is():
     import platform
 
