@@ -287,12 +287,12 @@ class Reranker:
         if diversity <= 0 and caps is None:  # columns are already in relevance order
             top = np.broadcast_to(np.arange(k), (batch, k))
             return np.where(keep[:, :k], top, NOT_CHOSEN)
-        gram = self._similarities(safe_rows) if diversity > 0 else None  # [B, C, C] cosines
-        users_t = torch.arange(batch)
         # z - diversity * (max similarity to the chosen), -inf once chosen or closed. The max
         # only grows, so each step takes the minimum with z - diversity * (similarity to the
         # new pick): the same floats as recomputing it (rounding is monotone), in fewer passes
         # over [B, C]; attribute caps close candidates by setting them to -inf too.
+        if diversity > 0:   # in float32 once, so that a step's gather is numpy's, not torch's
+            gram = self._similarities(safe_rows).float().numpy()   # [B, C, C] cosines
         marginal = np.where(keep, z, -np.inf)
         chosen = np.full((batch, k), NOT_CHOSEN, dtype=np.int64)
         users = np.arange(batch)
@@ -307,8 +307,7 @@ class Reranker:
                 break
             marginal[users, pick] = -np.inf
             if diversity > 0:
-                similar = gram[users_t, :, torch.from_numpy(pick)].float().numpy()
-                np.minimum(marginal, z - diversity * similar, out=marginal)
+                np.minimum(marginal, z - diversity * gram[users, :, pick], out=marginal)
             if caps is not None:
                 # Only the attributes of this pick can have just reached the cap.
                 attrs = cand_attrs[users, pick]  # [B, A]; -1 pads count into the last slot
