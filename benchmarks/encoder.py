@@ -259,12 +259,10 @@ def bench_packing(cfg: EncoderConfig, rounds: int, pass_users=(16, 128)):
             hist = [h[:n] for h, n in zip(histories(rng, users, 50, cfg.n_items), lengths)]
             *columns, known = featurize(hist, index, cfg.max_len)
             padded = [torch.from_numpy(c) for c in columns]
-            width = columns[0].shape[1]
-            real = np.arange(width)[None, :] >= (width - known)[:, None]
 
             def packed():
                 packing = Packing.of(known)
-                encode_packed(enc, *(torch.from_numpy(packing.lay_out(c[real])) for c in columns), packing)
+                encode_packed(enc, *(torch.from_numpy(packing.lay_out(c)) for c in columns), packing)
 
             variants = {"packed": packed, "padded": lambda: enc(*padded, last_only=True)}
             spent = {name: [] for name in variants}

@@ -305,7 +305,6 @@ class Packing:
     column: np.ndarray      # [B] where it starts in that row
     rank: np.ndarray        # [B] how many windows come before it in that row
     owner: np.ndarray       # [R, W] the user at each place, -1: padding
-    place: np.ndarray       # [R, W] its position in that user's window (0: the oldest), -1: padding
 
     @classmethod
     def of(cls, lengths) -> "Packing":
@@ -330,27 +329,28 @@ class Packing:
             count[r] += 1
             if fill[r] + smallest > width:
                 open_rows.remove(r)
-        owner = np.full((len(fill), width), -1, dtype=np.int64)
-        place = np.full((len(fill), width), -1, dtype=np.int64)
-        rows, cols, user, position = cls._spots(lengths, row, column)
-        owner[rows, cols], place[rows, cols] = user, position
-        return cls(lengths, row, column, rank, owner, place)
+        packing = cls(lengths, row, column, rank, np.full((len(fill), width), -1, dtype=np.int64))
+        user, position = packing._events()
+        packing.owner[row[user], column[user] + position] = user
+        return packing
 
-    @staticmethod
-    def _spots(lengths, row, column):
-        """(row, column, user, position) of every known event, users in order, oldest first."""
-        user = np.repeat(np.arange(len(lengths)), lengths)
-        position = np.arange(int(lengths.sum())) - (np.cumsum(lengths) - lengths)[user]
-        return row[user], column[user] + position, user, position
+    def _events(self) -> tuple[np.ndarray, np.ndarray]:
+        """(user, position in its window) of every known event, users in order, oldest first."""
+        user = np.repeat(np.arange(len(self.lengths)), self.lengths)
+        return user, np.arange(len(user)) - (np.cumsum(self.lengths) - self.lengths)[user]
 
-    def spots(self):
-        return self._spots(self.lengths, self.row, self.column)
+    @property
+    def place(self) -> np.ndarray:
+        """[R, W] each place's position in its user's window (0: the oldest), -1: padding."""
+        return np.where(self.owner >= 0, np.arange(self.owner.shape[1]) - self.column[self.owner], -1)
 
-    def lay_out(self, flat: np.ndarray) -> np.ndarray:
-        """Values of every known event (users in order, oldest first) -> [R, W], 0 where padding."""
-        out = np.zeros(self.owner.shape, dtype=flat.dtype)
-        rows, cols, _, _ = self.spots()
-        out[rows, cols] = flat
+    def lay_out(self, padded: np.ndarray) -> np.ndarray:
+        """A left-padded [B, width] matrix (`featurize`'s layout, each user's window at its end)
+        -> [R, W], 0 where padding."""
+        user, position = self._events()
+        out = np.zeros(self.owner.shape, dtype=padded.dtype)
+        out[self.row[user], self.column[user] + position] = \
+            padded[user, padded.shape[1] - self.lengths[user] + position]
         return out
 
     def crossing(self, back: int) -> tuple[np.ndarray, np.ndarray]:
@@ -364,10 +364,12 @@ class Packing:
         return rows[inside], columns[inside]
 
     def visible(self) -> np.ndarray:
-        """[R, W(query), W(key)]: a position sees its own user's places up to its own; padding
-        sees itself, so that no softmax row is empty (its output is dropped)."""
-        mask = (self.owner[:, :, None] == self.owner[:, None, :]) & (self.place[:, None, :] <= self.place[:, :, None])
-        return mask | np.eye(self.owner.shape[1], dtype=bool)
+        """[R, W(query), W(key)]: a position sees its own user's places up to its own (a window
+        is contiguous, so columns order it); padding sees itself at least, so that no softmax
+        row is empty (its output is dropped)."""
+        width = self.owner.shape[1]
+        causal = np.tri(width, dtype=bool)
+        return ((self.owner[:, :, None] == self.owner[:, None, :]) & causal) | np.eye(width, dtype=bool)
 
 
 def encode_packed(encoder: "SequenceEncoder", items, types, gaps, packing: Packing,

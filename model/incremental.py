@@ -502,8 +502,7 @@ class IncrementalEncoder:
         padding = len(lengths) * width - int(lengths.sum())   # what packing could save at most
         packing = Packing.of(lengths) if padding >= PACK_MIN_SAVED_POSITIONS else None
         if packing is not None and (len(lengths) - len(packing.owner)) * width >= PACK_MIN_SAVED_POSITIONS:
-            real = np.arange(width)[None, :] >= (width - lengths)[:, None]   # featurize left-pads
-            ids = [packing.lay_out(c[known][real]) for c in columns]
+            ids = [packing.lay_out(c[known]) for c in columns]
             h = encode_packed(self.encoder, *(torch.from_numpy(i).to(self.device) for i in ids), packing,
                               kv_out=kvs).float()                                           # [B, D]
             rows, column = packing.row, packing.column

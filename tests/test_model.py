@@ -208,7 +208,10 @@ def test_packing_puts_each_window_whole_into_one_row_without_overlap():
         assert sorted(packing.rank[mine]) == list(range(len(mine)))
         assert (np.argsort(packing.column[mine]) == np.argsort(packing.rank[mine])).all()
     flat = np.arange(1, lengths.sum() + 1)
-    laid = packing.lay_out(flat)
+    padded = np.zeros((len(lengths), 8), dtype=np.int64)   # featurize's layout: windows at the end
+    for user, values in enumerate(np.split(flat, np.cumsum(lengths)[:-1])):
+        padded[user, 8 - len(values):] = values
+    laid = packing.lay_out(padded)
     assert sorted(laid[laid > 0].tolist()) == flat.tolist()
     assert (laid[packing.row, packing.column + lengths - 1] == np.cumsum(lengths)).all()   # each newest event
     visible = packing.visible()
@@ -233,11 +236,10 @@ def test_packed_windows_encode_as_the_left_padded_batch(conv_kernel):
         for values, high in zip(padded, (31, 5, 8)):
             values[user, 10 - n:] = rng.integers(1, high, n)
     packing = Packing.of(lengths)
-    real = np.arange(10)[None, :] >= (10 - lengths)[:, None]
     with torch.no_grad():
         want = enc(*(torch.from_numpy(v) for v in padded))[:, -1]
         kvs = []
-        got = encode_packed(enc, *(torch.from_numpy(packing.lay_out(v[real])) for v in padded), packing, kv_out=kvs)
+        got = encode_packed(enc, *(torch.from_numpy(packing.lay_out(v)) for v in padded), packing, kv_out=kvs)
     assert packing.owner.shape[0] < len(lengths)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert len(kvs) == 2 and kvs[0][0].shape == (packing.owner.shape[0], 2, packing.owner.shape[1], 8)
