@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import zlib
-from collections import OrderedDict
+from collections import ChainMap, OrderedDict
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -191,13 +191,31 @@ class CacheStats:
                 "capacity_users": self.capacity, "bytes_per_user": self.slot_bytes}
 
 
+@dataclass
+class Lane:
+    """One lane's share of the cache: its slots, its users in least-recently-used order, its
+    counters. A thread encoding one lane's users touches no other lane's."""
+
+    slot_of: OrderedDict[str, int]
+    free: list[int]
+    stats: CacheStats
+
+
 class IncrementalEncoder:
-    """User vectors for a batch of requests, incremental where the cache allows, else in full."""
+    """User vectors for a batch of requests, incremental where the cache allows, else in full.
+
+    The cache is split into ``lanes`` by a stable hash of the user id, each lane with its own
+    slots, LRU order and counters, so that one thread per lane encodes its users at once
+    without locks (torch releases the GIL inside its operators). A call without a lane takes
+    users of every lane in the same passes: a small batch pays each pass's fixed cost once,
+    not once per lane."""
 
     def __init__(self, encoder: SequenceEncoder, token_index: dict[str, int], *,
                  budget_bytes: int = DEFAULT_BUDGET_BYTES, dtype: torch.dtype | None = None,
                  device: torch.device | None = None, bf16: bool = False, round_cost: float = ROUND_COST,
-                 claim: bool = False):
+                 claim: bool = False, lanes: int = 1):
+        if lanes < 1:
+            raise ValueError(f"lanes must be at least 1, got {lanes}")
         cfg = encoder.cfg
         if cfg.positions != "rope":
             raise ValueError("incremental encoding needs rotary positions (a model trained with positions='rope')")
@@ -207,7 +225,7 @@ class IncrementalEncoder:
         self.device = device or next(encoder.parameters()).device
         self.dtype = dtype or torch.float32
         # bf16 matrix products (CUDA, AVX512-BF16): ~2x the vectors/s, agreement to ~1e-2
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+        self.bf16 = bf16
         # a step's attention (_attend): as float32 products on the CPU from PRODUCTS_MIN_QUERIES
         # queries; otherwise fused, in the cache's dtype where bf16 is fast, else in float32 (a
         # bf16 cache on a CPU without bf16 instructions is upcast: emulated bf16 cost more)
@@ -222,7 +240,8 @@ class IncrementalEncoder:
         layers, heads, hd = cfg.n_layers, cfg.n_heads, cfg.head_dim
         itemsize = torch.tensor([], dtype=self.dtype).element_size()
         slot_bytes = (layers * 2 * heads * self.window * hd + self.before * cfg.dim) * itemsize + cfg.dim * 4
-        self.capacity = max(1, budget_bytes // slot_bytes)
+        self.lane_capacity = max(1, budget_bytes // lanes // slot_bytes)   # lane n: slots n * this onwards
+        self.capacity = self.lane_capacity * lanes
         # torch.empty: pages are only touched (resident) once a slot is used, unless ``claim``
         shape = (self.capacity, heads, self.window, hd)
         self.keys = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(layers)]
@@ -235,19 +254,21 @@ class IncrementalEncoder:
         self.count = np.zeros(self.capacity, dtype=np.int64)      # the next event's position
         self.start = np.zeros(self.capacity, dtype=np.int64)      # positions below it are padding
         self.tail: list[str | None] = [None] * self.capacity
-        self.slot_of: OrderedDict[str, int] = OrderedDict()
-        self.free = list(range(self.capacity - 1, -1, -1))
-        self.stats = CacheStats(capacity=self.capacity, slot_bytes=slot_bytes)
+        self.lanes = [Lane(OrderedDict(), [], CacheStats(capacity=self.lane_capacity, slot_bytes=slot_bytes))
+                      for _ in range(lanes)]
+        self.clear()
         self._ring = torch.arange(self.window, device=self.device)
         self.host_copies = self.device.type == "cpu"   # slots copied through numpy (below)
 
     # ------------------------------------------------------------------ public
-    def encode(self, requests: list[EncodeRequest]) -> np.ndarray:
-        """float32 [B, dim]; a user with no known item gets a zero row."""
+    def encode(self, requests: list[EncodeRequest], lane: int | None = None) -> np.ndarray:
+        """float32 [B, dim]; a user with no known item gets a zero row. With ``lane``, every
+        request's user must hash to that lane (``lane_of``): only its share is touched."""
         out = np.zeros((len(requests), self.cfg.dim), dtype=np.float32)
+        lanes = self.lane_of([r.user for r in requests]) if lane is None else np.full(len(requests), lane)
         full, steps, fresh, busy = [], [], set(), set()
         for n, req in enumerate(requests):
-            stepping = self._stepping(req, busy)
+            stepping = self._stepping(req, self.lanes[lanes[n]], busy)
             if stepping is None:
                 full.append(n)
                 continue
@@ -260,39 +281,73 @@ class IncrementalEncoder:
             steps, longer = self._cheapest_width(requests, steps, full_pass=bool(full))
             # in batch order: in a batch larger than the budget the last users keep their slots
             full = sorted(full + longer)
-        with self.autocast:
+        with self.autocast():
             if steps:
                 self._step(requests, steps, out, fresh)
             for first in range(0, len(full), self.full_chunk):
                 part = full[first:first + self.full_chunk]
-                self._encode_full([requests[n] for n in part], part, out)
+                self._encode_full([requests[n] for n in part], part, out, [self.lanes[n] for n in lanes[part]])
         self._count_users()
         return out
 
+    def autocast(self) -> torch.autocast:
+        """bf16 autocast for a pass (one per call: lanes' threads each enter their own)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def lane_of(self, users: list[str]) -> np.ndarray:
+        """Each user's lane (crc32 of the id: the same in every process and run)."""
+        n = len(self.lanes)
+        if n == 1:
+            return np.zeros(len(users), dtype=np.int64)
+        return np.fromiter((zlib.crc32(u.encode()) % n for u in users), dtype=np.int64, count=len(users))
+
+    @property
+    def slot_of(self) -> ChainMap:
+        """Every lane's users and their slots (a view: change them through the lanes)."""
+        return ChainMap(*(lane.slot_of for lane in self.lanes))
+
+    @property
+    def stats(self) -> CacheStats:
+        """The lanes' counters summed."""
+        total = CacheStats(slot_bytes=self.lanes[0].stats.slot_bytes)
+        for lane in self.lanes:
+            for f in fields(CacheStats):
+                if f.name != "slot_bytes":
+                    setattr(total, f.name, getattr(total, f.name) + getattr(lane.stats, f.name))
+        return total
+
     def clear(self) -> None:
         """Drop every user (after a failed batch: an entry may be half updated)."""
-        self.slot_of.clear()
-        self.free = list(range(self.capacity - 1, -1, -1))
+        for n, lane in enumerate(self.lanes):
+            lane.slot_of.clear()
+            lane.free = list(range((n + 1) * self.lane_capacity - 1, n * self.lane_capacity - 1, -1))
         self.tail = [None] * self.capacity
         self._count_users()
 
     def forget(self, user: str) -> None:
-        slot = self.slot_of.pop(user, None)
+        self._drop(user, self.lanes[int(self.lane_of([user])[0])])
+
+    def _drop(self, user: str, lane: Lane) -> None:
+        slot = lane.slot_of.pop(user, None)
         if slot is not None:
-            self.free.append(slot)
+            lane.free.append(slot)
             self._count_users()
 
     def _count_users(self) -> None:
-        self.stats.users = len(self.slot_of)
-        self.stats.bytes = self.stats.users * self.stats.slot_bytes
+        for lane in self.lanes:
+            lane.stats.users = len(lane.slot_of)
+            lane.stats.bytes = lane.stats.users * lane.stats.slot_bytes
+
+    def _lane_at(self, slot: int) -> Lane:
+        return self.lanes[slot // self.lane_capacity]
 
     # ------------------------------------------------------------------ incremental
-    def _stepping(self, req: EncodeRequest, busy: set[int]):
-        """(slot, new known events, from an empty ring) for a request the step pass can take,
-        else None (full recompute)."""
+    def _stepping(self, req: EncodeRequest, lane: Lane, busy: set[int]):
+        """(slot, new known events, from an empty ring) for a request (of ``lane``) the step pass
+        can take, else None (full recompute)."""
         if req.new > MAX_STEPS:
             return None
-        slot = self.slot_of.get(req.user)
+        slot = lane.slot_of.get(req.user)
         if slot is not None and self.tail[slot] == req.tail_before:
             new = self._new_known(req)
             return None if new is None else (slot, new, False)
@@ -300,7 +355,7 @@ class IncrementalEncoder:
             # the whole history is new (a first visit): its events go through the same pass
             # as the warm users', from an empty ring, instead of a pass of their own
             new = self._new_known(req)
-            slot = self._slot_for(req.user, busy) if new else None
+            slot = self._slot_for(req.user, lane, busy) if new else None
             if slot is not None:
                 return slot, new, True
         return None
@@ -353,13 +408,14 @@ class IncrementalEncoder:
         Users in ``fresh`` start from an empty ring: counted as misses, not hits."""
         lengths = np.array([len(new) for _, _, new in steps])
         slots = np.array([s for _, s, _ in steps])
-        for n, slot, _ in steps:
-            self.slot_of.move_to_end(requests[n].user)
-            self.tail[slot] = requests[n].tail_after
         empty = np.array([n in fresh for n, _, _ in steps], dtype=bool)
-        self.stats.misses += int(empty.sum())
-        self.stats.hits += len(steps) - int(empty.sum())
-        self.stats.steps += int(lengths.sum())
+        for (n, slot, new), first in zip(steps, empty.tolist()):
+            lane = self._lane_at(slot)
+            lane.slot_of.move_to_end(requests[n].user)
+            self.tail[slot] = requests[n].tail_after
+            lane.stats.misses += first
+            lane.stats.hits += not first
+            lane.stats.steps += len(new)
         if empty.any():
             self._empty(slots[empty])
         width = int(lengths.max(initial=0))
@@ -488,12 +544,16 @@ class IncrementalEncoder:
 
     # ------------------------------------------------------------------ full recompute
     @torch.inference_mode()
-    def _encode_full(self, requests: list[EncodeRequest], where: list[int], out: np.ndarray) -> None:
+    def _encode_full(self, requests: list[EncodeRequest], where: list[int], out: np.ndarray,
+                     lanes: list[Lane]) -> None:
+        """Each request (of ``lanes``, one each) encoded in full from its history; the window
+        refills its slot."""
         *columns, lengths = featurize([r.history for r in requests], self.token_index, self.window)
         known = np.flatnonzero(lengths > 0)
-        for n in np.flatnonzero(lengths == 0):   # nothing to encode: a cold user, not cached
-            self.forget(requests[n].user)
-            self.stats.misses += 1
+        for n in range(len(requests)):
+            lanes[n].stats.misses += 1
+            if lengths[n] == 0:   # nothing to encode: a cold user, not cached
+                self._drop(requests[n].user, lanes[n])
         if not len(known):
             return
         lengths = lengths[known]
@@ -511,9 +571,8 @@ class IncrementalEncoder:
             h = self.encoder(*(torch.from_numpy(i).to(self.device) for i in ids), kv_out=kvs,
                              last_only=True)[:, -1].float()
             rows, column = np.arange(len(known)), width - lengths
-        slots = np.array([self._slot_for(requests[n].user) for n in known])
+        slots = np.array([self._slot_for(requests[n].user, lanes[n]) for n in known])
         out[np.asarray(where)[known]] = h.cpu().numpy()
-        self.stats.misses += len(known)
         # a budget smaller than the batch hands a slot on within it: the last user keeps it
         _, last = np.unique(slots[::-1], return_index=True)
         if len(last) < len(slots):
@@ -568,88 +627,41 @@ class IncrementalEncoder:
             target[slots, :, width:] = 0
 
     # ------------------------------------------------------------------ slots
-    def _slot_for(self, user: str, busy: set[int] | frozenset = frozenset()) -> int | None:
-        """The user's slot, else a free one, else the least recently used user's -- unless
-        that one is ``busy`` (stepped in this batch): then None."""
-        slot = self.slot_of.get(user)
+    def _slot_for(self, user: str, lane: Lane, busy: set[int] | frozenset = frozenset()) -> int | None:
+        """The user's slot in its ``lane``, else a free one, else the lane's least recently used
+        user's -- unless that one is ``busy`` (stepped in this batch): then None."""
+        slot = lane.slot_of.get(user)
         if slot is not None:
-            self.slot_of.move_to_end(user)
+            lane.slot_of.move_to_end(user)
             return slot
-        if self.free:
-            slot = self.free.pop()
+        if lane.free:
+            slot = lane.free.pop()
         else:
-            oldest, slot = next(iter(self.slot_of.items()))
+            oldest, slot = next(iter(lane.slot_of.items()))
             if slot in busy:
                 return None
-            del self.slot_of[oldest]
-            self.stats.evictions += 1
-        self.slot_of[user] = slot
+            del lane.slot_of[oldest]
+            lane.stats.evictions += 1
+        lane.slot_of[user] = slot
         return slot
 
 
-class EncoderLanes:
-    """Users spread over independent IncrementalEncoders by a stable hash of their id.
-
-    One lane per recommend thread: threads that encode disjoint users share no cache entry, so
-    they run at once without locks (torch releases the GIL inside its operators). A user always
-    hashes to the same lane, where its keys and values are. Each lane holds an equal share of
-    the byte budget.
-    """
-
-    def __init__(self, lanes: list[IncrementalEncoder]):
-        if not lanes:
-            raise ValueError("EncoderLanes needs at least one IncrementalEncoder")
-        self.lanes = lanes
-
-    def __len__(self) -> int:
-        return len(self.lanes)
-
-    def lane_of(self, users: list[str]) -> np.ndarray:
-        """Each user's lane (crc32 of the id: the same in every process and run)."""
-        n = len(self.lanes)
-        if n == 1:
-            return np.zeros(len(users), dtype=np.int64)
-        return np.fromiter((zlib.crc32(u.encode()) % n for u in users), dtype=np.int64, count=len(users))
-
-    def encode(self, requests: list[EncodeRequest], lane: int = 0) -> np.ndarray:
-        """IncrementalEncoder.encode on ``lane``; every request's user must hash to it."""
-        return self.lanes[lane].encode(requests)
-
-    def forget(self, user: str) -> None:
-        self.lanes[int(self.lane_of([user])[0])].forget(user)
-
-    def clear(self) -> None:
-        for lane in self.lanes:
-            lane.clear()
-
-    @property
-    def stats(self) -> CacheStats:
-        """The lanes' counters summed (bytes per user: one lane's, all are alike)."""
-        total = CacheStats(slot_bytes=self.lanes[0].stats.slot_bytes)
-        for lane in self.lanes:
-            for f in fields(CacheStats):
-                if f.name != "slot_bytes":
-                    setattr(total, f.name, getattr(total, f.name) + getattr(lane.stats, f.name))
-        return total
-
-
 def for_serving(encoder: SequenceEncoder, token_index: dict[str, int], budget_bytes: int = DEFAULT_BUDGET_BYTES,
-                lanes: int = 1) -> EncoderLanes:
+                lanes: int = 1) -> IncrementalEncoder:
     """The serving configuration: a bf16 cache (half the bytes to gather), and the linear
     layers in bf16 where the hardware runs bfloat16 fast (CUDA, AVX512-BF16); ``lanes``
-    caches of budget_bytes / lanes each, claimed now on the CPU (`check_cache_fits` first)."""
+    shares of budget_bytes / lanes each, claimed now on the CPU (`check_cache_fits` first)."""
     from model.artifact import bf16_is_fast
 
-    device = next(encoder.parameters()).device   # lanes < 1: EncoderLanes refuses the empty list
+    device = next(encoder.parameters()).device
     claim = device.type == "cpu"   # a GPU's memory is allocated at once anyway
     if claim:
         check_cache_fits(budget_bytes)
     bf16 = bf16_is_fast(device)
     if bf16:   # one bf16 copy of the blocks for all lanes (they only read it)
         encoder = with_bf16_linears(encoder.eval())
-    return EncoderLanes([IncrementalEncoder(encoder, token_index, budget_bytes=budget_bytes // lanes, device=device,
-                                            dtype=torch.bfloat16, bf16=bf16, claim=claim)
-                         for _ in range(lanes)])
+    return IncrementalEncoder(encoder, token_index, budget_bytes=budget_bytes, device=device, dtype=torch.bfloat16,
+                              bf16=bf16, claim=claim, lanes=lanes)
 
 
 def check_cache_fits(budget_bytes: int, available: int | None = None) -> None:

@@ -1,7 +1,7 @@
 """One micro-batch of users -> ranked lists: encode (model/), search (index/), rerank (index/).
 
 This is the batched, CPU/GPU-heavy part of the worker; it runs off the event loop in a
-worker thread (torch and faiss release the GIL). With ``lanes`` > 1 a batch's users are split
+worker thread (torch and faiss release the GIL). With ``lanes`` > 1 a large batch's users are split
 by a hash of their id and each part is encoded, searched and reranked on its own thread, with
 its own share of the encoder cache: the cores work on one batch at once. A new model directory
 is loaded in the background and swapped in between batches (hot-swap), so each list names the
@@ -27,7 +27,7 @@ from index.rerank import Reranker, RerankConfig, UserContext
 from index.trending import Trending, event_weights
 from model.artifact import METADATA, ModelArtifact
 from model.data import load_log
-from model.incremental import DEFAULT_BUDGET_BYTES, EncodeRequest, EncoderLanes, for_serving
+from model.incremental import DEFAULT_BUDGET_BYTES, EncodeRequest, IncrementalEncoder, for_serving
 from stream.state import UserState
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,9 @@ MIN_CANDIDATES = 100
 TUNING_USERS = 512          # user vectors the ANN index's nprobe is tuned on
 REFIT_GROWTH = 1.2          # refit the attribute embedder when the catalogue grew by 20%
 RECOMMEND_STAGES = ("encode", "search", "rerank")   # the stages of stream.metrics.STAGES timed here
-# Smaller batches run the lanes one after another on the calling thread and search and rerank
-# once: each lane's search and rerank has a fixed cost that only a large part repays.
+# Smaller batches stay on the calling thread: every lane's users in the same encoder passes,
+# one search and one rerank. Each pass, search and rerank has a fixed cost that only a large
+# part repays.
 PARALLEL_MIN_USERS = 64
 
 
@@ -121,7 +122,7 @@ class ServingModel:
     index: ItemIndex
     reranker: Reranker
     path: Path
-    incremental: EncoderLanes | None = None   # rotary models: one position per new event
+    incremental: IncrementalEncoder | None = None   # rotary models: one position per new event
     added: set[str] = field(default_factory=set)
     embedder: AttributeEmbedder | None = None
     embedder_fitted_on: int = -1   # catalogue size the embedder was fitted on
@@ -154,14 +155,15 @@ class ServingModel:
         where the cache is used (a user's entry lives in one lane), else in ``lanes`` contiguous parts."""
         if self.incremental is not None and users is not None and new is not None:
             lane = self.incremental.lane_of(users)
-            return [(n, rows) for n in range(len(self.incremental))
+            return [(n, rows) for n in range(len(self.incremental.lanes))
                     if (rows := np.flatnonzero(lane == n).tolist())]
         bounds = np.linspace(0, count, lanes + 1).astype(int)
         return [(0, list(range(a, b))) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
-    def encode(self, states: list[UserState], users=None, new=None, tails=None, lane: int = 0) -> np.ndarray:
+    def encode(self, states: list[UserState], users=None, new=None, tails=None, lane: int | None = None) -> np.ndarray:
         """User vectors: incremental where the model and the cache allow, else in full (also
-        without ``new``: what each state gained is unknown)."""
+        without ``new``: what each state gained is unknown). ``lane``: every user hashes to it
+        (None: users of any lane, in the same passes)."""
         if self.incremental is None or users is None or new is None:
             return self.artifact.encode([s.history() for s in states])
         return self.incremental.encode([
@@ -302,9 +304,9 @@ class Recommender:
         """Lists for each state, and the version of the model that made them."""
         model = self.model  # one version for the whole batch, even if a swap is pending
         parallel = self._helpers is not None and len(states) >= PARALLEL_MIN_USERS
-        parts = model.split(len(states), users, new, self.lanes if parallel else 1)
+        parts = model.split(len(states), users, new, self.lanes) if parallel else []
         args = (model, states, users, new, tails)
-        if parallel and len(parts) > 1:
+        if len(parts) > 1:
             model.reranker.prepare()   # shared arrays built here, only read by the lanes
             helpers = [self._helpers.submit(self._recommend_lane, *args, *part) for part in parts[1:]]
             try:
@@ -312,12 +314,10 @@ class Recommender:
             finally:   # never leave a lane running into the next batch (or a cache clear)
                 wait(helpers)
             done += [f.result() for f in helpers]
-        else:   # each lane's users encoded by its cache, then one search and rerank for all
+        else:   # every lane's users in the same encoder passes, then one search and rerank
             spent = dict.fromkeys(RECOMMEND_STAGES, 0.0)
-            vectors = np.zeros((len(states), model.artifact.dim), dtype=np.float32)
-            for lane, rows in parts:
-                vectors[rows] = self._encode_rows(*args, lane, rows, spent)
             everyone = list(range(len(states)))
+            vectors = self._encode_rows(*args, None, everyone, spent)
             done = [(everyone, self._rank_rows(model, states, everyone, vectors, spent), spent)]
         lists: list[list[dict]] = [[] for _ in states]
         self.timings = timings = dict.fromkeys(RECOMMEND_STAGES, 0.0)
@@ -341,8 +341,8 @@ class Recommender:
         return rows, cls._rank_rows(model, states, rows, vectors, spent), spent
 
     @staticmethod
-    def _encode_rows(model: ServingModel, states, users, new, tails, lane: int, rows: list[int], spent: dict):
-        """User vectors of the batch's ``rows`` (one lane's users), in their order."""
+    def _encode_rows(model: ServingModel, states, users, new, tails, lane: int | None, rows: list[int], spent: dict):
+        """User vectors of the batch's ``rows`` (one lane's users, or any with ``lane`` None), in their order."""
         started = time.perf_counter()
         pick = (lambda values: None if values is None else [values[i] for i in rows])
         vectors = model.encode([states[i] for i in rows], pick(users), pick(new), pick(tails), lane)

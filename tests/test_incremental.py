@@ -230,7 +230,7 @@ def test_serving_takes_bf16_products_only_from_a_cpu_with_bf16_instructions():
     native = cpu_has_native_bf16()
     assert bf16_is_fast(torch.device("cpu")) == native
     enc, index = make_encoder()
-    lane = for_serving(enc, index, budget_bytes=1 << 20).lanes[0]
+    lane = for_serving(enc, index, budget_bytes=1 << 20)
     assert lane.dtype == torch.bfloat16   # the cache stays bf16 (bytes per user) either way
     assert lane.encoder.blocks[0].attn.qkv.weight.dtype == (torch.bfloat16 if native else torch.float32)
     assert lane.attend_dtype == (torch.bfloat16 if native else torch.float32)
@@ -271,9 +271,8 @@ def test_serving_claims_its_cache_at_start_and_refuses_more_than_the_memory_left
     free = available_memory_bytes()
     assert free is None or free > 1 << 20
     enc, index = make_encoder()
-    lanes = for_serving(enc, index, budget_bytes=1 << 20, lanes=2)
-    for lane in lanes.lanes:
-        assert all(bool((t == 0).all()) for t in (*lane.keys, *lane.values, lane.out))
+    inc = for_serving(enc, index, budget_bytes=1 << 20, lanes=2)
+    assert all(bool((t == 0).all()) for t in (*inc.keys, *inc.values, inc.out))
     with pytest.raises(MemoryError):
         for_serving(enc, index, budget_bytes=1 << 50)
 
@@ -283,8 +282,8 @@ def test_recommender_lists_from_the_cache_equal_full_recomputation(tiny_model, t
                                                                    monkeypatch):
     """Event by event, the lists made with the incremental encoder (float32) are the lists a
     full recompute of each user's stored history gives; with two lanes too (each user's
-    entry in its own lane), the lanes one after another or on two threads."""
-    from model.incremental import EncoderLanes, IncrementalEncoder
+    entry in its own lane), the lanes in the same passes or on two threads."""
+    from model.incremental import IncrementalEncoder
     from stream import recommender
     from stream.events import ShopEvent
     from stream.recommender import Recommender
@@ -293,8 +292,8 @@ def test_recommender_lists_from_the_cache_equal_full_recomputation(tiny_model, t
     monkeypatch.setattr(recommender, "PARALLEL_MIN_USERS", 1 if threaded else 1000)
     cached = Recommender(tiny_model, lanes=lanes)
     enc = cached.model.artifact.encoder
-    cached.model.incremental = EncoderLanes([IncrementalEncoder(enc, cached.model.artifact.token_index,
-                                                                budget_bytes=1 << 24) for _ in range(lanes)])
+    cached.model.incremental = IncrementalEncoder(enc, cached.model.artifact.token_index,
+                                                  budget_bytes=lanes << 24, lanes=lanes)
     full = Recommender(tiny_model, cache_bytes=0)
     assert full.model.incremental is None
     chosen = {f"user-{n:05d}" for n in (3, 10, 42, 7, 19, 25)}
@@ -323,19 +322,33 @@ def test_recommender_lists_from_the_cache_equal_full_recomputation(tiny_model, t
     assert cached.cache_counters()["cache_users"] == len(chosen)
 
 
-def test_lanes_route_each_user_to_one_cache_and_sum_their_counters():
-    from model.incremental import EncoderLanes
-
+def test_lanes_route_each_user_to_one_share_of_the_cache_and_sum_their_counters():
+    """Each user lives in its lane's slots, whether the lanes are encoded one call each (their
+    threads) or all in one call (the same passes): the same vectors, the same entries."""
     enc, index = make_encoder()
     rng = np.random.default_rng(3)
-    lanes = EncoderLanes([IncrementalEncoder(enc, index, budget_bytes=1 << 22) for _ in range(3)])
+    lanes = IncrementalEncoder(enc, index, budget_bytes=3 << 22, lanes=3)
+    together = IncrementalEncoder(enc, index, budget_bytes=3 << 22, lanes=3)
     users = [f"u{n}" for n in range(30)]
     where = lanes.lane_of(users)
     assert set(where.tolist()) == {0, 1, 2} and (lanes.lane_of(users) == where).all()   # stable
-    for lane in range(3):
-        mine = [u for u, w in zip(users, where) if w == lane]
-        lanes.encode([EncodeRequest(u, history(rng, 4), new=4, tail_after="t") for u in mine], lane)
-    assert lanes.stats.misses == lanes.stats.users == 30
+    stored = {u: [] for u in users}
+    for step, added in enumerate((4, 1, 3)):   # a first visit, then steps of one and three events
+        reqs = []
+        for u in users:
+            stored[u] = stored[u] + history(rng, added)
+            reqs.append(EncodeRequest(u, stored[u], new=added, tail_before=f"t{step - 1}" if step else None,
+                                      tail_after=f"t{step}"))
+        each = np.zeros((len(users), enc.cfg.dim), dtype=np.float32)
+        for lane in range(3):
+            mine = np.flatnonzero(where == lane)
+            each[mine] = lanes.encode([reqs[n] for n in mine], lane)
+        np.testing.assert_allclose(together.encode(reqs), each, atol=1e-5)
+    for inc in (lanes, together):
+        assert inc.stats.misses == inc.stats.users == 30 and inc.stats.hits == 60
+        assert [inc.stats.hits for inc in inc.lanes] == [2 * int((where == n).sum()) for n in range(3)]
+        for n, lane in enumerate(inc.lanes):
+            assert all(n * inc.lane_capacity <= slot < (n + 1) * inc.lane_capacity for slot in lane.slot_of.values())
     assert lanes.stats.bytes == 30 * lanes.stats.slot_bytes
     lanes.forget("u7")
     assert "u7" not in lanes.lanes[int(where[7])].slot_of and lanes.stats.users == 29
