@@ -38,7 +38,11 @@ from model.encoder import Packing, SequenceEncoder, encode_packed, rotate
 
 DEFAULT_BUDGET_BYTES = 1 << 30      # 1 GiB of keys/values: ~10k active users at 256 wide, bf16
 MAX_STEPS = 8                       # more new known events than this in one batch: encode in full
-ROUND_COST = 40                     # a step pass's fixed cost, in positions of full-recompute work
+# A step pass's fixed cost in positions of full-recompute work. Fitted on the shop workload's
+# passes (batches of 126 events, 256 wide, bf16, 1 thread): a step pass took 2.1 ms + 25 us per
+# padded position, a full recompute (packed) 2.2 ms + 12.9 us per position. So a batch that
+# recomputes someone anyway takes a few short windows along rather than paying for a step pass.
+ROUND_COST = 160
 # a position in a step pass, in the same unit: it attends over a gathered ring, and padding
 # counts (a one-off measurement, 256 wide, bf16, 1 thread: ~19-21 us per padded position at
 # 64-256 users with 4-6 new events, against ~13 us per position of a full recompute)
