@@ -335,15 +335,18 @@ class Reranker:
     def _because(self, history_rows: list[np.ndarray], chosen_rows: np.ndarray) -> np.ndarray:
         """[B, k] row of the history item closest (inner product) to each pick; -1 = none."""
         batch, k = chosen_rows.shape
-        longest = min(BECAUSE_HISTORY_MAX, max((len(r) for r in history_rows), default=0))
-        if longest == 0:
+        if not any(len(r) for r in history_rows):
             return np.full((batch, k), -1, dtype=np.int64)
-        padded = np.full((batch, longest), -1, dtype=np.int64)
+        # Always BECAUSE_HISTORY_MAX wide, however long the batch's histories: oneDNN builds a
+        # kernel for each new shape of a bf16 product (~0.4 ms), and widths that followed the
+        # longest history made a new shape of most batches.
+        width = BECAUSE_HISTORY_MAX
+        padded = np.full((batch, width), -1, dtype=np.int64)
         for user, rows in enumerate(history_rows):
-            recent = rows[-longest:]
+            recent = rows[-width:]
             padded[user, : len(recent)] = recent
         vectors = self._for_products("vectors")
-        hist = vectors.index_select(0, torch.from_numpy(np.maximum(padded, 0).reshape(-1))).view(batch, longest, -1)
+        hist = vectors.index_select(0, torch.from_numpy(np.maximum(padded, 0).reshape(-1))).view(batch, width, -1)
         recs = vectors.index_select(0, torch.from_numpy(np.maximum(chosen_rows, 0).reshape(-1))).view(batch, k, -1)
         affinity = torch.bmm(recs, hist.transpose(1, 2)).float().numpy()   # [B, k, H]
         invalid = (padded[:, None, :] < 0) | (padded[:, None, :] == chosen_rows[:, :, None])
