@@ -269,10 +269,11 @@ class IncrementalEncoder:
         """float32 [B, dim]; a user with no known item gets a zero row. With ``lane``, every
         request's user must hash to that lane (``lane_of``): only its share is touched."""
         out = np.zeros((len(requests), self.cfg.dim), dtype=np.float32)
-        lanes = self.lane_of([r.user for r in requests]) if lane is None else np.full(len(requests), lane)
+        where = self.lane_of([r.user for r in requests]).tolist() if lane is None else [lane] * len(requests)
+        lanes = [self.lanes[n] for n in where]   # each request's lane
         full, steps, fresh, busy = [], [], set(), set()
         for n, req in enumerate(requests):
-            stepping = self._stepping(req, self.lanes[lanes[n]], busy)
+            stepping = self._stepping(req, lanes[n], busy)
             if stepping is None:
                 full.append(n)
                 continue
@@ -290,7 +291,7 @@ class IncrementalEncoder:
                 self._step(requests, steps, out, fresh)
             for first in range(0, len(full), self.full_chunk):
                 part = full[first:first + self.full_chunk]
-                self._encode_full([requests[n] for n in part], part, out, [self.lanes[n] for n in lanes[part]])
+                self._encode_full([requests[n] for n in part], part, out, [lanes[n] for n in part])
         self._count_users()
         return out
 
