@@ -29,7 +29,7 @@ import torch
 from model.artifact import bf16_is_fast, keep_freed_memory
 from model.data import featurize
 from model.encoder import EncoderConfig, Packing, SequenceEncoder, encode_packed
-from model.incremental import EncodeRequest, FusedLinear, IncrementalEncoder
+from model.incremental import EncodeRequest, FusedLinear, IncrementalEncoder, with_bf16_linears
 
 
 CONVS = {"none": {"conv_kernel": 0}, "input": {}}
@@ -144,8 +144,6 @@ def bench_serving_ops(cfg: EncoderConfig, users: int, rounds: int):
     and 64 warm users, for the serving encoder's operators (oneDNN linear layers with packed
     weights and fused bias and GELU; cache slots copied through numpy) against torch's
     (``torch.nn.Linear``, ``index_copy_`` / ``index_select``), each change alone and both."""
-    from model.incremental import with_bf16_linears
-
     enc, index = random_encoder(cfg, torch.device("cpu"))
     hist = histories(np.random.default_rng(0), users, 50 + 3 * 8, cfg.n_items)
     variants = {}
@@ -249,8 +247,6 @@ def bench_packing(cfg: EncoderConfig, rounds: int, pass_users=(16, 128)):
     bf16 = bf16_is_fast(device)
     enc, index = random_encoder(cfg, device)
     if bf16:
-        from model.incremental import with_bf16_linears
-
         enc = with_bf16_linears(enc)
     rng = np.random.default_rng(0)
     out = {}

@@ -262,13 +262,17 @@ class SequenceEncoder(nn.Module):
         return rotation_tables(positions.to(torch.float32)[..., None] * self.rope_freqs)
 
     def forward(self, items, types=None, gaps=None, item_vecs=None, kv_out: list | None = None,
-                last_only: bool = False):
+                last_only: bool = False, embedded_out: list | None = None):
         """items/types/gaps: [B, L] int64, left-padded with 0. Returns [B, L, dim], or [B, 1, dim]
         with ``last_only`` (serving needs the newest position's vector only: the last block then
-        runs its projection and MLP for that position alone, ~1/3 less work over a window)."""
+        runs its projection and MLP for that position alone, ~1/3 less work over a window).
+        ``embedded_out`` collects the embedded inputs [B, L, dim] (serving caches the newest
+        few for the input convolution of later steps)."""
         B, L = items.shape
         assert L <= self.cfg.max_len, f"sequence length {L} > max_len {self.cfg.max_len}"
         x = self.embed(items, types, gaps, item_vecs)
+        if embedded_out is not None:
+            embedded_out.append(x)
         rotation = None
         if self.cfg.positions == "learned":
             x = x + self.pos_emb(torch.arange(self.cfg.max_len - L, self.cfg.max_len, device=items.device))
@@ -373,24 +377,26 @@ class Packing:
 
 
 def encode_packed(encoder: "SequenceEncoder", items, types, gaps, packing: Packing,
-                  kv_out: list | None = None) -> torch.Tensor:
+                  kv_out: list | None = None, embedded_out: list | None = None) -> torch.Tensor:
     """Each user's newest output [B, dim] from id tensors [R, W] laid out by ``packing``: what
     ``encoder(...)[:, -1]`` gives for the same windows left-padded, with fewer rows. ``kv_out``
     collects each layer's keys and values, [R, H, W, head_dim], keys rotated by their column (a
     user's window sits in its row as positions column .. column + length - 1). Rotary models
-    only: learned positions count back from the newest event."""
+    only: learned positions count back from the newest event. ``embedded_out`` collects the
+    embedded inputs [R, W, dim], as ``SequenceEncoder.forward``'s does."""
     if encoder.cfg.positions != "rope":
         raise ValueError("packed encoding needs rotary positions (positions='rope')")
     device = items.device
     x = encoder.embed(items, types, gaps)                                         # [R, W, D]
+    if embedded_out is not None:
+        embedded_out.append(x)
     if encoder.cfg.conv_kernel > 1:
         # mix_recent over the rows (padding only ever follows a row's last window), then the
         # few places that took in the end of the window before theirs take it out again
+        out = encoder.mix_recent(x)
         weight = encoder.conv[:, 0].to(x.dtype)
         last = weight.shape[1] - 1
-        out = torch.addcmul(x, x, weight[:, last])
         for back in range(1, min(last, x.shape[1] - 1) + 1):
-            out[:, back:].addcmul_(x[:, :-back], weight[:, last - back])
             rows, columns = (torch.from_numpy(a).to(device) for a in packing.crossing(back))
             if len(rows):
                 out.index_put_((rows, columns), -x[rows, columns - back] * weight[:, last - back], accumulate=True)

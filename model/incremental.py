@@ -563,18 +563,19 @@ class IncrementalEncoder:
             return
         lengths = lengths[known]
         kvs: list = []
+        embedded: list = []
         width = columns[0].shape[1]
         padding = len(lengths) * width - int(lengths.sum())   # what packing could save at most
         packing = Packing.of(lengths) if padding >= PACK_MIN_SAVED_POSITIONS else None
         if packing is not None and (len(lengths) - len(packing.owner)) * width >= PACK_MIN_SAVED_POSITIONS:
             ids = [packing.lay_out(c[known]) for c in columns]
             h = encode_packed(self.encoder, *(torch.from_numpy(i).to(self.device) for i in ids), packing,
-                              kv_out=kvs).float()                                           # [B, D]
+                              kv_out=kvs, embedded_out=embedded).float()                    # [B, D]
             rows, column = packing.row, packing.column
         else:   # (almost) one window a row anyway: left-padded, without the packing's indexing
             ids = [c[known] for c in columns]
             h = self.encoder(*(torch.from_numpy(i).to(self.device) for i in ids), kv_out=kvs,
-                             last_only=True)[:, -1].float()
+                             last_only=True, embedded_out=embedded)[:, -1].float()
             rows, column = np.arange(len(known)), width - lengths
         slots = np.array([self._slot_for(requests[n].user, lanes[n]) for n in known])
         out[np.asarray(where)[known]] = h.cpu().numpy()
@@ -592,11 +593,12 @@ class IncrementalEncoder:
         for layer, (k, v) in enumerate(kvs):
             self._put(self.keys[layer], slots, (k if every else k.index_select(0, index)).to(self.dtype))
             self._put(self.values[layer], slots, (v if every else v.index_select(0, index)).to(self.dtype))
-        if self.before:   # each window's last ``before`` ids, 0 before its start
+        if self.before:   # each window's last ``before`` inputs as the pass embedded them, 0 before its start
             back = column[:, None] + lengths[:, None] - self.before + np.arange(self.before)[None, :]
-            tail = [torch.from_numpy(np.where(back >= column[:, None], i[rows[:, None], back.clip(0)], 0))
-                    .to(self.device) for i in ids]
-            self._put(self.recent, slots, (self.encoder.embed(*tail) * (tail[0] > 0)[..., None]).to(self.dtype))
+            inside = torch.from_numpy(back >= column[:, None]).to(self.device)[..., None]
+            at = [torch.from_numpy(a).to(self.device) for a in (rows[:, None], back.clip(0))]
+            tail = embedded[0][at[0], at[1]]                                            # [B, before, D]
+            self._put(self.recent, slots, (tail * inside).to(self.dtype))
         self.count[slots] = column + lengths
         self.start[slots] = column
         self.out[torch.from_numpy(slots).to(self.device)] = h

@@ -346,7 +346,7 @@ def test_lanes_route_each_user_to_one_share_of_the_cache_and_sum_their_counters(
         np.testing.assert_allclose(together.encode(reqs), each, atol=1e-5)
     for inc in (lanes, together):
         assert inc.stats.misses == inc.stats.users == 30 and inc.stats.hits == 60
-        assert [inc.stats.hits for inc in inc.lanes] == [2 * int((where == n).sum()) for n in range(3)]
+        assert [lane.stats.hits for lane in inc.lanes] == [2 * int((where == n).sum()) for n in range(3)]
         for n, lane in enumerate(inc.lanes):
             assert all(n * inc.lane_capacity <= slot < (n + 1) * inc.lane_capacity for slot in lane.slot_of.values())
     assert lanes.stats.bytes == 30 * lanes.stats.slot_bytes
