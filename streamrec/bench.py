@@ -288,6 +288,18 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
         return float("nan"), float("nan")
 
 
+def host_cpu_ticks(stat: str | None = None) -> tuple[int, int]:
+    """(stolen, all) CPU ticks of the whole machine since boot, from /proc/stat's ``cpu`` line
+    (Linux; (0, 0) elsewhere). On a virtual machine the hypervisor's other guests take "steal"
+    time from it: a phase that ran while they did is slower, whatever the code."""
+    try:
+        line = (stat if stat is not None else Path("/proc/stat").read_text()).splitlines()[0].split()
+        ticks = [int(t) for t in line[1:9]]   # user nice system idle iowait irq softirq steal
+    except (OSError, IndexError, ValueError):
+        return 0, 0
+    return (ticks[7] if len(ticks) > 7 else 0), sum(ticks)
+
+
 async def _drive(bootstrap: str, phases: list[list[dict]], options: E2EOptions, logs: list[Path],
                  pids: list[int]) -> list[dict]:
     for log in logs:
@@ -299,9 +311,11 @@ async def _drive(bootstrap: str, phases: list[list[dict]], options: E2EOptions, 
     try:
         results = []
         for events, rate in zip(phases, options.rates):
-            before = [cpu_seconds(pid) for pid in pids]
+            before, host_before = [cpu_seconds(pid) for pid in pids], host_cpu_ticks()
             result = await _phase(bootstrap, events, rate, collector)
-            after = [cpu_seconds(pid) for pid in pids]
+            after, host_after = [cpu_seconds(pid) for pid in pids], host_cpu_ticks()
+            stolen, ticks = (a - b for a, b in zip(host_after, host_before))
+            result["host_steal_percent"] = round(100 * stolen / ticks, 1) if ticks > 0 else float("nan")
             loop_s = sum(a[0] - b[0] for a, b in zip(after, before))
             total_s = sum(a[1] - b[1] for a, b in zip(after, before))
             result["loop_cpu_us_per_event"] = round(loop_s / len(events) * 1e6, 1)
@@ -354,9 +368,9 @@ def render(result: dict) -> str:
     """Each run's phases as an aligned table, its stage seconds, and the throughput ratios."""
     cols = ("offered_rate", "throughput_events_per_s", "latency_p50_ms", "latency_p99_ms", "latency_max_ms",
             "visible_p50_ms", "visible_p99_ms", "seconds_until_all_lists_current", "lists",
-            "loop_cpu_us_per_event", "worker_cpu_us_per_event", "complete")
+            "loop_cpu_us_per_event", "worker_cpu_us_per_event", "host_steal_percent", "complete")
     head = ("offered/s", "events/s", "p50 ms", "p99 ms", "max ms", "seen p50", "seen p99", "s to current",
-            "lists", "loop us/ev", "cpu us/ev", "complete")
+            "lists", "loop us/ev", "cpu us/ev", "steal %", "complete")
     lines = [f"broker {result['broker']}, {result['guarantee']}, {result['workers']} worker(s), workload "
              f"{result['workload']}: {result['events_per_phase']:,} events per phase, {result['users']:,} users"]
     for run in result["runs"]:

@@ -123,3 +123,25 @@ def test_eval_warns_when_the_log_is_from_another_shop(tiny_model, tmp_path):
     result = runner.invoke(app, ["eval", "--model", str(tiny_model), "--data", str(other)])
     assert result.exit_code == 0, result.output
     assert "unknown to the model" in result.output
+
+
+def test_bench_reports_the_hosts_stolen_cpu_time_per_phase():
+    from streamrec.bench import host_cpu_ticks, render
+
+    stat = "cpu  100 5 40 800 10 0 5 40 0 0\ncpu0 50 2 20 400 5 0 2 20 0 0\n"
+    assert host_cpu_ticks(stat) == (40, 1000)
+    assert host_cpu_ticks("") == (0, 0)
+    stolen, ticks = host_cpu_ticks()   # this machine's, or (0, 0) where there is no /proc/stat
+    assert 0 <= stolen <= ticks
+    phase = {"offered_rate": 500.0, "throughput_events_per_s": 499.9, "latency_p50_ms": 16.0, "latency_p99_ms": 33.1,
+             "latency_max_ms": 63.3, "visible_p50_ms": 21.6, "visible_p99_ms": 40.6,
+             "seconds_until_all_lists_current": 40.01, "lists": 6309, "loop_cpu_us_per_event": 250.5,
+             "worker_cpu_us_per_event": 1045.5, "host_steal_percent": 12.5, "complete": True,
+             "latency_p99_ms_by_second": [30.0, 33.1]}
+    result = {"broker": "kafka", "guarantee": "at_least_once", "workers": 1, "workload": "shop",
+              "events_per_phase": 20000, "users": 1502,
+              "runs": [{"variant": "worker", "model": "m", "peak_rss_mb": [1.0], "phases": [phase],
+                        "worker_stage_seconds": []}]}
+    head, row = render(result).splitlines()[2:4]
+    assert head.split()[-2:] == ["%", "complete"] and "steal" in head
+    assert row.split()[-2:] == ["12.5", "True"]
