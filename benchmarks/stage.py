@@ -12,7 +12,8 @@ The events are the workload's first phase (`streamrec/bench.py`), cut into batch
 per user and applied to each user's state as the pipeline does; each batch then goes through
 `Recommender.recommend_batch` with the worker's lanes. Each run starts from an empty encoder
 cache and the workload's initial states. Prints events/s and lists/s of the stage (wall and
-process CPU), thread seconds per stage, and the cache's hit rate.
+process CPU), thread seconds per stage, the cache's hit rate, and the share of the machine's
+CPU time that its hypervisor gave to other guests meanwhile (steal: compare runs without it).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from stream.events import event_from_dict
 from stream.recommender import RECOMMEND_STAGES, Recommender
 from stream.state import UserState
 from stream.worker import WorkerSettings
-from streamrec.bench import E2EOptions, ScaleWorkload, ShopWorkload
+from streamrec.bench import E2EOptions, ScaleWorkload, ShopWorkload, host_cpu_ticks
 
 
 def batches(events: list[dict], max_batch: int) -> list[list]:
@@ -52,6 +53,7 @@ def run(model: Path, lanes: int, work: list[list], start: dict[str, bytes]) -> d
     spent = dict.fromkeys(RECOMMEND_STAGES, 0.0)
     events = lists = 0
     wall = cpu = 0.0
+    host_before = host_cpu_ticks()
     for batch in work:
         states, users, new, tails, applied_events = [], [], [], [], []
         for user, user_events in batch:   # the pipeline's stage 1, untimed: it runs on the event loop
@@ -70,10 +72,12 @@ def run(model: Path, lanes: int, work: list[list], start: dict[str, bytes]) -> d
             spent[stage] += seconds
         events += len(applied_events)
         lists += len(result.lists)
+    stolen, ticks = (a - b for a, b in zip(host_cpu_ticks(), host_before))
     counters = rec.cache_counters()
     looked_up = counters.get("cache_hits", 0) + counters.get("cache_misses", 0)
     return {"events": events, "lists": lists, "wall": wall, "cpu": cpu, "spent": spent,
-            "hits": counters.get("cache_hits", 0) / looked_up if looked_up else 0.0}
+            "hits": counters.get("cache_hits", 0) / looked_up if looked_up else 0.0,
+            "steal": 100 * stolen / ticks if ticks > 0 else float("nan")}
 
 
 def main() -> None:
@@ -102,7 +106,7 @@ def main() -> None:
             stages = ", ".join(f"{k} {v / r['lists'] * 1e6:,.0f}" for k, v in r["spent"].items())
             print(f"lanes {lanes}: {r['events'] / r['wall']:,.0f} events/s, {r['lists'] / r['wall']:,.0f} lists/s "
                   f"(wall); process CPU {r['cpu'] / r['lists'] * 1e6:,.0f} us per list; thread us per list: "
-                  f"{stages}; cache hits {r['hits']:.1%}")
+                  f"{stages}; cache hits {r['hits']:.1%}; steal {r['steal']:.1f}% of the machine's CPU time")
 
 
 if __name__ == "__main__":
