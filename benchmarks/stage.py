@@ -31,7 +31,7 @@ from stream.events import event_from_dict
 from stream.recommender import RECOMMEND_STAGES, Recommender
 from stream.state import UserState
 from stream.worker import WorkerSettings
-from streamrec.bench import E2EOptions, ScaleWorkload, ShopWorkload, host_cpu_ticks
+from streamrec.bench import E2EOptions, ScaleWorkload, ShopWorkload, host_cpu_ticks, steal_percent
 
 
 def batches(events: list[dict], max_batch: int) -> list[list]:
@@ -72,12 +72,11 @@ def run(model: Path, lanes: int, work: list[list], start: dict[str, bytes]) -> d
             spent[stage] += seconds
         events += len(applied_events)
         lists += len(result.lists)
-    stolen, ticks = (a - b for a, b in zip(host_cpu_ticks(), host_before))
     counters = rec.cache_counters()
     looked_up = counters.get("cache_hits", 0) + counters.get("cache_misses", 0)
     return {"events": events, "lists": lists, "wall": wall, "cpu": cpu, "spent": spent,
             "hits": counters.get("cache_hits", 0) / looked_up if looked_up else 0.0,
-            "steal": 100 * stolen / ticks if ticks > 0 else float("nan")}
+            "steal": steal_percent(host_before, host_cpu_ticks())}
 
 
 def main() -> None:

@@ -300,6 +300,13 @@ def host_cpu_ticks(stat: str | None = None) -> tuple[int, int]:
     return (ticks[7] if len(ticks) > 7 else 0), sum(ticks)
 
 
+def steal_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """The share (%) of the machine's CPU time stolen between two ``host_cpu_ticks`` readings;
+    nan where there were none."""
+    stolen, ticks = (a - b for a, b in zip(after, before))
+    return 100 * stolen / ticks if ticks > 0 else float("nan")
+
+
 async def _drive(bootstrap: str, phases: list[list[dict]], options: E2EOptions, logs: list[Path],
                  pids: list[int]) -> list[dict]:
     for log in logs:
@@ -314,8 +321,7 @@ async def _drive(bootstrap: str, phases: list[list[dict]], options: E2EOptions, 
             before, host_before = [cpu_seconds(pid) for pid in pids], host_cpu_ticks()
             result = await _phase(bootstrap, events, rate, collector)
             after, host_after = [cpu_seconds(pid) for pid in pids], host_cpu_ticks()
-            stolen, ticks = (a - b for a, b in zip(host_after, host_before))
-            result["host_steal_percent"] = round(100 * stolen / ticks, 1) if ticks > 0 else float("nan")
+            result["host_steal_percent"] = round(steal_percent(host_before, host_after), 1)
             loop_s = sum(a[0] - b[0] for a, b in zip(after, before))
             total_s = sum(a[1] - b[1] for a, b in zip(after, before))
             result["loop_cpu_us_per_event"] = round(loop_s / len(events) * 1e6, 1)
