@@ -26,12 +26,16 @@ from faust.transport.utils import DefaultSchedulingStrategy
 
 
 class RecordIntake:
-    """A bounded FIFO of (tp, records) chunks; ``take`` returns up to ``max_records`` at once."""
+    """A bounded FIFO of (tp, records) chunks; ``take`` returns up to ``max_records`` at once.
+
+    ``waited`` is how long the oldest records of the last take had been here (fetched, not yet
+    in a batch): the queue in front of the recommend thread, one clock reading per fetched chunk."""
 
     def __init__(self, topics: Iterable[str], max_buffered: int):
         self.topics = frozenset(topics)
         self.max_buffered = max_buffered
-        self._chunks: deque[tuple[object, list]] = deque()
+        self._chunks: deque[tuple[object, list, float]] = deque()   # (tp, records, arrived: monotonic)
+        self.waited = 0.0
         self._buffered = 0
         self._arrived = asyncio.Event()
         self._room = asyncio.Event()
@@ -44,7 +48,7 @@ class RecordIntake:
     def offer(self, tp, records: list) -> None:
         if not records:
             return
-        self._chunks.append((tp, records))
+        self._chunks.append((tp, records, time.monotonic()))
         self._buffered += len(records)
         self._arrived.set()
         if self._buffered >= self.max_buffered:
@@ -75,14 +79,17 @@ class RecordIntake:
             if not done:
                 break
         out, taken = [], 0
+        oldest = self._chunks[0][2] if self._chunks else time.monotonic()
         while self._chunks and taken < max_records:
-            tp, records = self._chunks.popleft()
+            tp, records, arrived = self._chunks.popleft()
+            oldest = min(oldest, arrived)
             room = max_records - taken
             if len(records) > room:  # split: the rest stays first in line
-                self._chunks.appendleft((tp, records[room:]))
+                self._chunks.appendleft((tp, records[room:], arrived))
                 records = records[:room]
             out.append((tp, records))
             taken += len(records)
+        self.waited = time.monotonic() - oldest
         self._buffered -= taken
         if self._buffered < self.max_buffered:
             self._room.set()

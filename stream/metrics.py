@@ -7,6 +7,7 @@ event: histograms of per-event values are filled from a whole array at once.
     m = WorkerMetrics("streamrec")
     await m.start(port, bootstrap)          # HTTP /metrics on 127.0.0.1 + lag refresher
     m.observe_batch(len(events))            # batch size histogram, events processed counter
+    m.observe_batch_wait(seconds)           # how long its oldest records waited to be batched
     with m.stage("encode"): ...             # per-stage latency
     m.observe_event_latency(now - event_ts) # event ts -> list produced, an array per batch
     m.count_published(n); m.count_dlq("missing ts")
@@ -62,6 +63,9 @@ class WorkerMetrics:
         self.cache_users = Gauge("streamrec_encoder_cache_users", "Users held by the encoder cache", registry=r)
         self.batch_size = Histogram("streamrec_batch_size", "Events per processed batch",
                                     buckets=BATCH_BUCKETS, registry=r)
+        self.batch_wait = Histogram("streamrec_batch_wait_seconds", "How long a batch's oldest records waited "
+                                    "in the worker, fetched but not yet in a batch (the queue in front of "
+                                    "the recommend thread)", buckets=STAGE_BUCKETS, registry=r)
         self.stage_latency = Histogram("streamrec_stage_latency_seconds", "Time per batch in each stage",
                                        ["stage"], buckets=STAGE_BUCKETS, registry=r)
         self.event_latency = Histogram("streamrec_event_to_list_latency_seconds",
@@ -86,6 +90,9 @@ class WorkerMetrics:
             self.cache_lookups.labels(outcome="miss").inc(misses)
         self.cache_users.set(users)
         self.cache_bytes.set(nbytes)
+
+    def observe_batch_wait(self, seconds: float) -> None:
+        self.batch_wait.observe(seconds)
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         child = self._stages.get(stage)

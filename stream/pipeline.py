@@ -61,6 +61,7 @@ class Batch:
     erased: list[tuple[int, bytes]] = field(default_factory=list)    # users deleted: (partition, key)
     dead: list[tuple[int, bytes | None, bytes, str]] = field(default_factory=list)  # (partition, key, record, reason)
     events: list[ShopEvent] = field(default_factory=list)
+    wait_s: float = 0.0      # how long its oldest records waited in the intake
     state_s: float = 0.0
 
 
@@ -113,6 +114,7 @@ class BatchPipeline:
                 continue   # a rebalance cleared them: the consumer seeks back to the committed offsets
             self._seq += 1
             batch = self.prepare(self._seq, chunks)
+            batch.wait_s = self.intake.waited
             updates, self.catalogue_updates[:] = list(self.catalogue_updates), []
             future = self._submit(batch.states, batch.events, updates, batch.users, batch.new, batch.tails,
                                   [key.decode() for _, key in batch.erased])
@@ -313,6 +315,7 @@ class BatchPipeline:
         m = self.metrics
         if m is not None:
             m.observe_batch(batch.records)
+            m.observe_batch_wait(batch.wait_s)
             for stage, spent in seconds.items():
                 m.observe_stage(stage, spent)
             for _, _, _, reason in batch.dead:

@@ -59,3 +59,14 @@ async def test_a_full_batch_goes_at_once_and_the_rest_stays_first_in_line():
     assert intake.buffered == 5
     rest, _ = await timed_take(intake, 10, ready=idle_event())
     assert rest == list(range(10, 15))
+
+
+async def test_a_take_says_how_long_its_oldest_records_waited():
+    intake = filled(3)
+    await asyncio.sleep(0.1)
+    intake.offer("tp", [3])   # newer: the wait is the oldest chunk's
+    records, _ = await timed_take(intake, 10, ready=idle_event())
+    assert records == [0, 1, 2, 3] and 0.09 <= intake.waited < WITHIN
+    intake.offer("tp", [4, 5])
+    await timed_take(intake, 10, ready=idle_event())
+    assert intake.waited < 0.09   # only what this take took counts

@@ -247,6 +247,8 @@ async def test_worker_serves_prometheus_metrics(broker, worker, metrics_port, ti
     assert 'streamrec_dlq_messages_total{reason="not msgpack"}' in text
     assert "streamrec_event_to_list_latency_seconds_bucket" in text
     assert "streamrec_batch_size_bucket" in text
+    waits = [line for line in text.splitlines() if line.startswith("streamrec_batch_wait_seconds_count ")]
+    assert waits and float(waits[0].split()[-1]) >= 1   # every batch observed how long it waited
 
 
 def test_the_worker_freezes_its_startup_heap_and_collects_young_objects_rarely():
