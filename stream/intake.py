@@ -79,10 +79,10 @@ class RecordIntake:
             if not done:
                 break
         out, taken = [], 0
+        # chunks arrive in order (a split's rest keeps its place and time): the first is the oldest
         oldest = self._chunks[0][2] if self._chunks else time.monotonic()
         while self._chunks and taken < max_records:
             tp, records, arrived = self._chunks.popleft()
-            oldest = min(oldest, arrived)
             room = max_records - taken
             if len(records) > room:  # split: the rest stays first in line
                 self._chunks.appendleft((tp, records[room:], arrived))
