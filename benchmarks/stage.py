@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--workload", choices=("shop", "scale"), default="shop")
     parser.add_argument("--model", type=Path, help="model directory (default: train one as bench e2e does)")
     parser.add_argument("--events", type=int, default=20000, help="events of the phase")
-    parser.add_argument("--max-batch", type=int, default=512)
+    parser.add_argument("--max-batch", type=int, default=WorkerSettings.max_batch)
     parser.add_argument("--lanes", type=int, nargs="+", default=[WorkerSettings.lanes])
     parser.add_argument("--repeats", type=int, default=1, help="runs of each lane count, alternating")
     args = parser.parse_args()

@@ -46,7 +46,7 @@ class E2EOptions:
     workload: str = "shop"          # shop: the demo's small shop; scale: ScaleSpec (50k users, 60k items)
     rates: list[float | None] = field(default_factory=lambda: [None])   # None: as fast as possible
     partitions: int = 4
-    max_batch: int = 512
+    max_batch: int | None = None     # the worker's --max-batch (default: the worker's)
     workers: int = 1                # worker processes in the consumer group
     model: Path | None = None
     broker_kind: str = "tansu"
@@ -228,7 +228,9 @@ def _launcher(variant: str, options: E2EOptions, workdir: Path):
     """(start a worker process, clean up) for ``worker``, ``naive`` or ``commit:<sha>``."""
     repo = Path(__file__).resolve().parents[1]
     if variant == "worker":
-        extra = ["--max-batch", str(options.max_batch), "--guarantee", options.guarantee]
+        extra = ["--guarantee", options.guarantee]
+        if options.max_batch is not None:
+            extra += ["--max-batch", str(options.max_batch)]
         if options.cache_mb is not None:
             extra += ["--cache-mb", str(options.cache_mb)]
         if options.lanes is not None:
@@ -245,7 +247,7 @@ def _launcher(variant: str, options: E2EOptions, workdir: Path):
         source = workdir / "source"
         subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(source), variant[7:]],
                        check=True, capture_output=True)
-        extra = ["--max-batch", str(options.max_batch)]
+        extra = [] if options.max_batch is None else ["--max-batch", str(options.max_batch)]
 
         def cleanup():
             subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(source)], capture_output=True)

@@ -65,7 +65,7 @@ class ChaosOptions:
     catalogue_updates: int = 100_000
     model: Path | None = None
     seed: int = 0
-    max_batch: int = 512
+    max_batch: int | None = None      # the worker's --max-batch (default: the worker's)
 
 
 @dataclass
@@ -220,8 +220,9 @@ class Workers:
         self.logs[n] = self.workdir / f"worker-{n}.log"
         self.procs[n] = harness.start_worker(self.bootstrap, self.model, state, partitions=self.options.partitions,
                                              log_path=self.logs[n],
-                                             extra=["--max-batch", str(self.options.max_batch), "--reload-interval",
-                                                    "1"])
+                                             extra=["--reload-interval", "1"] + (
+                                                 [] if self.options.max_batch is None
+                                                 else ["--max-batch", str(self.options.max_batch)]))
         await harness.wait_for_worker_ready(self.bootstrap, self.logs[n], timeout=180)
         return n
 

@@ -180,7 +180,9 @@ def worker(broker: str = typer.Option(..., help="Kafka bootstrap HOST:PORT."),
                None, exists=True, help="Model directory, or a folder of them (newest wins); or --variant."),
            group: str = typer.Option("streamrec", help="Consumer group id."),
            partitions: int = typer.Option(4, help="Partitions of the topics the worker creates."),
-           max_batch: int = typer.Option(512, help="Events per micro-batch."),
+           max_batch: Optional[int] = typer.Option(
+               None, help="Events per micro-batch at most (default: 4,096; batches are as large as the "
+                          "load makes them, so this bounds only a backlog's)."),
            batch_wait: float = typer.Option(0.02, help="Seconds a partial batch waits for more events while the previous one is being recommended (an idle worker takes a batch at once)."),
            store: str = typer.Option("auto", help="State store: rocksdb, memory or auto."),
            data_dir: Path = typer.Option(Path(".streamrec"), help="Local state (RocksDB) directory."),
@@ -226,13 +228,14 @@ def worker(broker: str = typer.Option(..., help="Kafka bootstrap HOST:PORT."),
         _fail("give --model, or --variant (once per variant), not both")
     try:
         settings = WorkerSettings(broker=broker, model=model, group=group, partitions=partitions,
-                                  max_batch=max_batch, batch_wait_s=batch_wait, store=store,
+                                  batch_wait_s=batch_wait, store=store,
                                   data_dir=data_dir, metrics_port=metrics_port, metrics_host=metrics_host,
                                   reload_interval_s=reload_interval, rerank=RerankConfig(k=k),
                                   guarantee=guarantee, commit_interval_s=commit_interval, cache_mb=cache_mb,
                                   state_ttl_s=state_ttl, variants=variants, experiment=experiment,
-                                  **({} if lanes is None else {"lanes": lanes}))
-    except ValueError as exc:   # --lanes below 1
+                                  **({} if lanes is None else {"lanes": lanes}),
+                                  **({} if max_batch is None else {"max_batch": max_batch}))
+    except ValueError as exc:   # --lanes or --max-batch below 1
         _fail(str(exc))
     sys.argv = sys.argv[:1]  # Faust's Worker parses argv itself
     try:
@@ -374,7 +377,7 @@ def bench_e2e(events: int = typer.Option(20000, help="Events per phase."),
               broker_kind: str = typer.Option("tansu", help="Broker to start: tansu (embedded) or kafka."),
               guarantee: str = typer.Option("at_least_once", help="The worker's --guarantee."),
               partitions: int = typer.Option(4, help="Partitions of the topics."),
-              max_batch: int = typer.Option(512, help="The worker's --max-batch."),
+              max_batch: Optional[int] = typer.Option(None, help="The worker's --max-batch (default: its own)."),
               workers: int = typer.Option(1, help="Worker processes in the consumer group."),
               model: Optional[Path] = typer.Option(None, help="Model dir (default: train a small one)."),
               cache_mb: Optional[int] = typer.Option(None, help="The worker's --cache-mb (default: its own)."),

@@ -85,6 +85,8 @@ def test_worker_explains_a_missing_model_and_an_unreachable_broker(tmp_path, tin
     assert result.exit_code == 2 and "cannot reach a Kafka broker at 127.0.0.1:1" in result.output
     result = runner.invoke(app, ["worker", "--broker", "127.0.0.1:1", "--model", str(tiny_model), "--lanes", "0"])
     assert result.exit_code == 2 and "lanes must be at least 1, got 0" in result.output
+    result = runner.invoke(app, ["worker", "--broker", "127.0.0.1:1", "--model", str(tiny_model), "--max-batch", "0"])
+    assert result.exit_code == 2 and "max_batch must be at least 1, got 0" in result.output
     result = runner.invoke(app, ["worker", "--broker", "127.0.0.1:1", "--model", str(tiny_model),
                                  "--cache-mb", str(1 << 30)])   # 1 PiB: the cache is claimed at start
     assert result.exit_code == 2 and "encoder cache budget (1,073,741,824 MiB, --cache-mb)" in result.output
