@@ -140,27 +140,33 @@ class ScaleWorkload:
 
         await compat.ensure_topics(bootstrap, settings.topics(), settings.topic_configs())
 
-        def rows():
-            for user, state in self.states():
-                if legacy:
-                    import msgpack
-
-                    yield user.encode(), msgpack.packb({
-                        "v": 1, "items": state.items, "types": state.types, "ts": state.ts,
-                        "purchased": state.purchased, "event_ids": [f"{user}/h{n}" for n in range(len(history))],
-                        "last_event_id": state.last_event_id, "last_event_ts": state.last_event_ts})
-                else:
-                    yield user.encode(), state.encode()
-
         sizes = []
 
         def measured():
-            for key, value in rows():
+            for key, value in state_rows(self.histories, legacy):
                 sizes.append(len(value))
                 yield key, value
 
         await harness.produce(bootstrap, settings.changelog_topic, measured(), acks="all")
         self.state_bytes_per_user = round(sum(sizes) / max(1, len(sizes)))
+
+
+def state_rows(histories: dict, legacy: bool = False):
+    """(key, value) state changelog rows of users who already have ``histories`` (the worker's
+    own rule applied to them); ``legacy``: state v1, which versions before state v2 read."""
+    from streamrec.synthetic import preloaded_state
+
+    for user, history in histories.items():
+        state = preloaded_state(user, history)
+        if legacy:
+            import msgpack
+
+            yield user.encode(), msgpack.packb({
+                "v": 1, "items": state.items, "types": state.types, "ts": state.ts,
+                "purchased": state.purchased, "event_ids": [f"{user}/h{n}" for n in range(len(history))],
+                "last_event_id": state.last_event_id, "last_event_ts": state.last_event_ts})
+        else:
+            yield user.encode(), state.encode()
 
 
 def run_e2e(options: E2EOptions) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import msgpack
 import pytest
 from typer.testing import CliRunner
 
@@ -147,3 +148,19 @@ def test_bench_reports_the_hosts_stolen_cpu_time_per_phase():
     head, row = render(result).splitlines()[2:4]
     assert head.split()[-2:] == ["%", "complete"] and "steal" in head
     assert row.split()[-2:] == ["12.5", "True"]
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_bench_preloads_states_an_earlier_worker_can_read(legacy):
+    """The scale workload's preload, in the state format of this worker or (legacy) of one
+    before state v2, which `--compare commit:<sha>` runs: the same users, events and dedupe."""
+    from stream.state import UserState, event_digest
+    from streamrec.bench import state_rows
+
+    histories = {"u1": [("i1", "view", 1.0), ("i2", "purchase", 2.0)], "u2": [("i3", "click", 3.0)]}
+    rows = dict(state_rows(histories, legacy))
+    assert set(rows) == {b"u1", b"u2"}
+    u1 = UserState.decode(rows[b"u1"])
+    assert (u1.items, u1.purchased, u1.last_event_id) == (["i1", "i2"], ["i2"], "u1/h1")
+    assert u1.seen == [event_digest("u1/h0"), event_digest("u1/h1")]
+    assert isinstance(msgpack.unpackb(rows[b"u2"]), dict) == legacy
