@@ -259,6 +259,30 @@ def test_fused_linear_rounds_rows_to_few_shapes_and_gives_the_same_products():
     torch.testing.assert_close(alone.float(), got[1, 4:5].float(), atol=2e-2, rtol=2e-2)
 
 
+def test_serving_builds_the_linear_kernels_of_each_shape_and_row_count_at_load(monkeypatch):
+    """Each layer shape's kernels for every padded row count up to a bound are built when the
+    model loads (a shape shared by several layers once), not by the first batches of traffic."""
+    from model import incremental
+    from model.incremental import FusedLinear, bucket_rows, with_bf16_linears
+
+    enc, index = make_encoder()
+    serving = with_bf16_linears(enc)
+    if not isinstance(serving.blocks[0].attn.qkv, FusedLinear):
+        pytest.skip("oneDNN takes no bf16 linear layer here")
+    called: list[tuple] = []
+    forward = FusedLinear.forward
+    monkeypatch.setattr(FusedLinear, "forward", lambda self, x: called.append((self, x.shape)) or forward(self, x))
+    built = FusedLinear.build_kernels(serving.blocks, 100)
+    sizes = {bucket_rows(m) for m in range(1, 101)}
+    assert len(serving.blocks) == 2 and built == 4 * len(sizes) == len(called)   # qkv, proj, fc + GELU, out
+    assert {layer for layer, _ in called} <= set(serving.blocks[0].modules())
+    assert {shape[0] for _, shape in called} == sizes
+    called.clear()
+    monkeypatch.setattr("model.artifact.bf16_is_fast", lambda device: True)   # serving in bf16 on any CPU
+    incremental.for_serving(enc, index, budget_bytes=1 << 20)
+    assert len({shape[0] for _, shape in called}) == len({bucket_rows(m) for m in range(1, incremental.KERNEL_ROWS + 1)})
+
+
 def test_serving_claims_its_cache_at_start_and_refuses_more_than_the_memory_left():
     """A budget is faulted in (zeroed) when the model loads, not slot by slot under traffic,
     and one the machine cannot hold fails then, with its size."""
