@@ -58,11 +58,10 @@ FULL_CHUNK = 128
 # events 1,869 against 1,587 us, 8 windows of 50 events 5,518-5,814 against 4,678-5,123)
 PACK_MIN_SAVED_POSITIONS = 48
 # passes of up to this many rows (users x positions) find their linear layers' kernels built
-# at load (``FusedLinear.build_kernels``: 128 row counts, 1.1 s at 256 wide). Beside a shop's
-# steady traffic, larger passes come with a backlog, where a kernel's few ms do not matter.
-# bench e2e --rates max,500,2000,5000,5000 on Kafka, p99 at the first 5,000/s phase: 27.8 and
-# 27.3 ms against 61.3, 46.3 and 36.5 without (the second such phase: 33.1 and 26.6 against
-# 30.1, 32.2 and 25.6)
+# at load (``FusedLinear.build_kernels``: 128 row counts, 1.1 s at 256 wide); larger passes
+# come with a backlog, where a kernel's few ms do not matter. bench e2e --rates
+# max,500,2000,5000,5000 on Kafka, p99 at the first 5,000/s phase: 27.8, 27.3, 30.7 and 33.1 ms
+# against 61.3, 46.3, 36.5, 45.7 and 27.3 without (docs/performance.md, "Kernels built at load")
 KERNEL_ROWS = 2048
 REBASE_WINDOWS = 64                 # positions move back by this many windows (3,200 at max_len 50)
 
