@@ -234,15 +234,8 @@ def _launcher(variant: str, options: E2EOptions, workdir: Path):
     """(start a worker process, clean up) for ``worker``, ``naive`` or ``commit:<sha>``."""
     repo = Path(__file__).resolve().parents[1]
     if variant == "worker":
-        extra = ["--guarantee", options.guarantee]
-        if options.max_batch is not None:
-            extra += ["--max-batch", str(options.max_batch)]
-        if options.cache_mb is not None:
-            extra += ["--cache-mb", str(options.cache_mb)]
-        if options.lanes is not None:
-            extra += ["--lanes", str(options.lanes)]
-        if options.store is not None:
-            extra += ["--store", options.store]
+        extra = harness.worker_flags(guarantee=options.guarantee, max_batch=options.max_batch,
+                                     cache_mb=options.cache_mb, lanes=options.lanes, store=options.store)
         return (lambda b, m, d, log: harness.start_worker(b, m, d, partitions=options.partitions, log_path=log,
                                                           extra=extra)), (lambda: None)
     if variant == "naive":
@@ -253,7 +246,7 @@ def _launcher(variant: str, options: E2EOptions, workdir: Path):
         source = workdir / "source"
         subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(source), variant[7:]],
                        check=True, capture_output=True)
-        extra = [] if options.max_batch is None else ["--max-batch", str(options.max_batch)]
+        extra = harness.worker_flags(max_batch=options.max_batch)
 
         def cleanup():
             subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(source)], capture_output=True)

@@ -220,9 +220,8 @@ class Workers:
         self.logs[n] = self.workdir / f"worker-{n}.log"
         self.procs[n] = harness.start_worker(self.bootstrap, self.model, state, partitions=self.options.partitions,
                                              log_path=self.logs[n],
-                                             extra=["--reload-interval", "1"] + (
-                                                 [] if self.options.max_batch is None
-                                                 else ["--max-batch", str(self.options.max_batch)]))
+                                             extra=harness.worker_flags(reload_interval=1,
+                                                                        max_batch=self.options.max_batch))
         await harness.wait_for_worker_ready(self.bootstrap, self.logs[n], timeout=180)
         return n
 

@@ -233,8 +233,8 @@ def worker(broker: str = typer.Option(..., help="Kafka bootstrap HOST:PORT."),
                                   reload_interval_s=reload_interval, rerank=RerankConfig(k=k),
                                   guarantee=guarantee, commit_interval_s=commit_interval, cache_mb=cache_mb,
                                   state_ttl_s=state_ttl, variants=variants, experiment=experiment,
-                                  **({} if lanes is None else {"lanes": lanes}),
-                                  **({} if max_batch is None else {"max_batch": max_batch}))
+                                  **{name: value for name, value in (("lanes", lanes), ("max_batch", max_batch))
+                                     if value is not None})   # None: the worker's own default
     except ValueError as exc:   # --lanes or --max-batch below 1
         _fail(str(exc))
     sys.argv = sys.argv[:1]  # Faust's Worker parses argv itself

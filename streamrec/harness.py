@@ -43,6 +43,13 @@ def start_worker(bootstrap: str, model: Path | None, data_dir: Path, *, group: s
                             cwd=str(source) if source is not None else None)
 
 
+def worker_flags(**options) -> list[str]:
+    """``streamrec worker`` flags for the options given, by name (``max_batch`` ->
+    ``--max-batch``); None leaves that one to the worker's own default."""
+    return [arg for name, value in options.items() if value is not None
+            for arg in (f"--{name.replace('_', '-')}", str(value))]
+
+
 def stop_worker(proc: subprocess.Popen, timeout: float = 20.0) -> int:
     if proc.poll() is None:
         proc.terminate()
