@@ -327,10 +327,14 @@ class ItemIndex:
                         self.info.kind)
 
     def to_torch(self, device) -> None:
-        """Search this flat index with torch on `device` ("cuda": the GPU path without faiss-gpu)."""
+        """Search this flat index with torch on `device` ("cuda": the GPU path without faiss-gpu),
+        also when torch already searches it elsewhere (flat indexes are searched by torch on the CPU)."""
         if self.info.kind != "flat" or hasattr(self, "_gpu_resources"):
             raise ValueError(f"only a flat index on the CPU moves to torch, this one is {self.info.kind} on {self.backend}")
-        if not isinstance(self._index, TorchExactIP):
+        if isinstance(self._index, TorchExactIP):
+            if self._index.device != torch.device(device):
+                self._index = TorchExactIP(self._index.flat, device)
+        else:
             self._index = TorchExactIP(self._index, device)
 
     @property
