@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -29,6 +30,16 @@ METADATA = "metadata.json"
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on: its affinity (taskset, a container's cpuset), not the
+    machine's count, so that a worker pinned to 2 cores of a 16-core machine sizes its threads
+    for 2 (7 torch threads per lane on 2 cores only contend)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):   # no affinity on this OS
+        return os.cpu_count() or 1
 
 
 def bf16_is_fast(device: torch.device) -> bool:

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from model.artifact import ModelArtifact, bf16_is_fast, default_device
+from model.artifact import ModelArtifact, bf16_is_fast, default_device, usable_cores
 from model.data import Log, attributes_beside, featurize, leave_one_out, load_attributes, load_log
 from model.encoder import EncoderConfig, SequenceEncoder
 from model.evaluate import build_eval_set, evaluate
@@ -123,7 +122,7 @@ def train(log: Log | str | Path, cfg: TrainConfig | None = None, out_dir: str | 
         if attributes is None and cfg.use_attributes and attributes_beside(log):
             attributes = load_attributes(attributes_beside(log))
         log = load_log(log)
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    torch.set_num_threads(cfg.threads or usable_cores())
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = default_device()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from stream.events import (DLQ_TOPIC, EVENTS_TOPIC, ITEMS_TOPIC, RECOMMENDATIONS
                            decode_item, encode_dead_letter)
 from stream.intake import RecordIntake
 from stream.pipeline import BatchPipeline
-from model.artifact import keep_freed_memory
+from model.artifact import keep_freed_memory, usable_cores
 from model.incremental import DEFAULT_BUDGET_BYTES
 from stream.recommender import Recommender
 from stream.state import StateTable, store_url
@@ -39,7 +38,7 @@ from stream.state import StateTable, store_url
 log = logging.getLogger(__name__)
 
 STATE_TABLE = "user-state"
-CORES = os.cpu_count() or 2
+CORES = usable_cores()
 DEFAULT_LANES = min(2, CORES)
 STATS_LOG_INTERVAL_S = 10.0
 INTAKE_BATCHES = 4        # records buffered ahead of the pipeline, in batches

@@ -55,6 +55,7 @@ class E2EOptions:
     cache_mb: int | None = None      # the worker's --cache-mb (default: the worker's)
     lanes: int | None = None         # the worker's --lanes (default: the worker's)
     store: str | None = None         # the worker's --store (default: the worker's)
+    worker_cpus: list[int] | None = None   # pin every worker process (and baseline) to these CPUs
     train_epochs: int = 3
     seed: int = 0
 
@@ -176,6 +177,8 @@ def run_e2e(options: E2EOptions) -> dict:
         raise ValueError(f"broker kind must be one of {', '.join(BROKER_KINDS)}")
     if options.workload not in WORKLOADS:
         raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}")
+    from model.artifact import default_device   # where the workers' encoders run
+
     workdir = Path(tempfile.mkdtemp(prefix="streamrec-bench-"))
     workload = ShopWorkload(options) if options.workload == "shop" else ScaleWorkload(options)
     model = options.model or workload.train(workdir / "rope", options)
@@ -190,7 +193,7 @@ def run_e2e(options: E2EOptions) -> dict:
         runs.append(_run_variant(variant, run_model, workload, phases, options, workdir / variant.replace(":", "-")))
     return {"broker": options.broker_kind, "guarantee": options.guarantee, "workers": options.workers,
             "workload": options.workload, "events_per_phase": options.events, "users": workload.users,
-            "runs": runs}
+            "worker_cpus": options.worker_cpus, "device": default_device().type, "runs": runs}
 
 
 def _run_variant(variant: str, model: Path, workload, phases: list[list[dict]], options: E2EOptions,
@@ -233,15 +236,16 @@ def peak_rss_mb(pid: int) -> float | None:
 def _launcher(variant: str, options: E2EOptions, workdir: Path):
     """(start a worker process, clean up) for ``worker``, ``naive`` or ``commit:<sha>``."""
     repo = Path(__file__).resolve().parents[1]
+    pinned = {"cpus": options.worker_cpus}
     if variant == "worker":
         extra = harness.worker_flags(guarantee=options.guarantee, max_batch=options.max_batch,
                                      cache_mb=options.cache_mb, lanes=options.lanes, store=options.store)
         return (lambda b, m, d, log: harness.start_worker(b, m, d, partitions=options.partitions, log_path=log,
-                                                          extra=extra)), (lambda: None)
+                                                          extra=extra, **pinned)), (lambda: None)
     if variant == "naive":
         command = [sys.executable, str(repo / "benchmarks" / "naive_worker.py")]
         return (lambda b, m, d, log: harness.start_worker(b, m, d, partitions=options.partitions, log_path=log,
-                                                          command=command)), (lambda: None)
+                                                          command=command, **pinned)), (lambda: None)
     if variant.startswith("commit:"):
         source = workdir / "source"
         subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(source), variant[7:]],
@@ -252,7 +256,7 @@ def _launcher(variant: str, options: E2EOptions, workdir: Path):
             subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(source)], capture_output=True)
 
         return (lambda b, m, d, log: harness.start_worker(b, m, d, partitions=options.partitions, log_path=log,
-                                                          extra=extra, source=source)), cleanup
+                                                          extra=extra, source=source, **pinned)), cleanup
     raise ValueError(f"unknown variant {variant!r}: worker, naive or commit:<sha>")
 
 
@@ -379,7 +383,9 @@ def render(result: dict) -> str:
     head = ("offered/s", "events/s", "p50 ms", "p99 ms", "max ms", "seen p50", "seen p99", "s to current",
             "lists", "loop us/ev", "cpu us/ev", "steal %", "complete")
     lines = [f"broker {result['broker']}, {result['guarantee']}, {result['workers']} worker(s), workload "
-             f"{result['workload']}: {result['events_per_phase']:,} events per phase, {result['users']:,} users"]
+             f"{result['workload']}: {result['events_per_phase']:,} events per phase, {result['users']:,} users"
+             + (f", worker on CPUs {','.join(map(str, result['worker_cpus']))}" if result.get("worker_cpus") else "")
+             + (", encoder on the GPU" if result.get("device") == "cuda" else "")]
     for run in result["runs"]:
         rows = [head] + [tuple(str(p[c]) for c in cols) for p in run["phases"]]
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]

@@ -384,12 +384,16 @@ def bench_e2e(events: int = typer.Option(20000, help="Events per phase."),
               lanes: Optional[int] = typer.Option(None, help="The worker's --lanes (default: its own)."),
               store: Optional[str] = typer.Option(None, help="The worker's --store: rocksdb, memory or auto "
                                                              "(default: its own)."),
+              worker_cpus: Optional[str] = typer.Option(
+                  None, help="Pin each worker (and baseline) to these CPUs, as taskset lists them (0,1 or 0-3): "
+                             "one worker on 2 cores of a larger machine, the broker and load on the rest."),
               compare: str = typer.Option("", help="Baselines run after the worker, same workload: 'naive' "
                                                    "(a per-event Faust agent), 'commit:<sha>' (an earlier worker)."),
               as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
     """End to end through a real broker: events/s and p50/p99 latency (produced_ts - event ts)."""
     from stream.state import STORES
     from streamrec.bench import BROKER_KINDS, WORKLOADS, E2EOptions, render, run_e2e
+    from streamrec.harness import parse_cpus
 
     if workload not in WORKLOADS:
         _fail(f"--workload must be one of: {', '.join(WORKLOADS)}")
@@ -403,11 +407,15 @@ def bench_e2e(events: int = typer.Option(20000, help="Events per phase."),
         _fail(f"--rates takes 'max' or numbers, comma separated; got {rates!r}")
     if not parsed or any(r is not None and r <= 0 for r in parsed):
         _fail("--rates needs at least one phase, each 'max' or a positive rate")
+    try:
+        cpus = parse_cpus(worker_cpus) if worker_cpus is not None else None
+    except ValueError as e:
+        _fail(f"--worker-cpus: {e}")
     result = run_e2e(E2EOptions(events=events, users=users, items=items, workload=workload, rates=parsed,
                                 partitions=partitions,
                                 max_batch=max_batch, workers=workers, model=model, broker_kind=broker_kind,
                                 guarantee=guarantee, compare=[c.strip() for c in compare.split(",") if c.strip()],
-                                cache_mb=cache_mb, lanes=lanes, store=store))
+                                cache_mb=cache_mb, lanes=lanes, store=store, worker_cpus=cpus))
     typer.echo(json.dumps(result) if as_json else render(result))
 
 

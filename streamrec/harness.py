@@ -13,7 +13,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Collection, Iterable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -25,12 +25,15 @@ PRODUCE_CHUNK = 2000
 
 def start_worker(bootstrap: str, model: Path | None, data_dir: Path, *, group: str = "streamrec",
                  partitions: int = 4, log_path: Path | None = None, extra: Iterable[str] = (),
-                 command: list[str] | None = None, source: Path | None = None) -> subprocess.Popen:
+                 command: list[str] | None = None, source: Path | None = None,
+                 cpus: Collection[int] | None = None) -> subprocess.Popen:
     """``streamrec worker`` as a subprocess (its own session, so it can be stopped cleanly).
 
     ``command`` replaces ``python -m streamrec.cli worker`` (a baseline taking the same
     flags); ``source`` runs the code of another checkout (an earlier commit) instead of this one;
-    ``model`` None leaves the models to ``extra`` (``--variant``).
+    ``model`` None leaves the models to ``extra`` (``--variant``); ``cpus`` pins the process to
+    those CPUs from its start (one worker on 2 cores of a larger machine; it sizes its threads
+    by them).
     """
     cmd = [*(command or [sys.executable, "-m", "streamrec.cli", "worker"]), "--broker", bootstrap,
            *(["--model", str(model)] if model is not None else []), "--group", group,
@@ -39,8 +42,24 @@ def start_worker(bootstrap: str, model: Path | None, data_dir: Path, *, group: s
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "160"}
     if source is not None:
         env["PYTHONPATH"] = str(source)
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                            cwd=str(source) if source is not None else None)
+                            cwd=str(source) if source is not None else None, preexec_fn=pin)
+
+
+def parse_cpus(text: str) -> list[int]:
+    """A CPU list as taskset writes it ("0,1", "0-3,8") -> sorted CPU numbers of this machine."""
+    cpus = set()
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            first, _, last = part.partition("-")
+            cpus.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise ValueError(f"a CPU list is numbers and ranges, comma separated (0,1 or 0-3), not {text!r}") from None
+    available = os.cpu_count() or 1
+    if not cpus or min(cpus) < 0 or max(cpus) >= available:
+        raise ValueError(f"CPUs {text!r}: this machine has CPUs 0-{available - 1}")
+    return sorted(cpus)
 
 
 def worker_flags(**options) -> list[str]:

@@ -56,11 +56,30 @@ def test_train_rejects_a_width_the_heads_do_not_divide(shop_log, tmp_path):
     (["--store", "disk"], "--store must be"),
     (["--rates", "max,fast"], "--rates takes"),
     (["--workload", "huge"], "--workload must be one of"),
+    (["--worker-cpus", "0,x"], "--worker-cpus: a CPU list is numbers and ranges"),
+    (["--worker-cpus", "0-100000"], "--worker-cpus: CPUs '0-100000': this machine has CPUs 0-"),
 ])
 def test_bench_e2e_rejects_bad_options_before_starting_anything(args, message):
     result = runner.invoke(app, ["bench", "e2e", *args])
     assert result.exit_code == 2
     assert message in result.output
+
+
+def test_a_pinned_worker_runs_on_its_cpus_and_sizes_its_threads_by_them(tmp_path):
+    """bench e2e --worker-cpus pins the worker from its start; the worker then counts the CPUs it
+    may use (its affinity), not the machine's, for its lanes and torch threads."""
+    import sys
+
+    from streamrec.harness import parse_cpus, start_worker
+
+    assert parse_cpus("0") == [0] and parse_cpus(" 0 , 0-0,") == [0]
+    probe = ("import os; from stream.worker import CORES, WorkerSettings; s = WorkerSettings(broker='', model=None); "
+             "print(sorted(os.sched_getaffinity(0)), CORES, s.lanes, s.torch_threads)")
+    log = tmp_path / "worker.log"
+    proc = start_worker("127.0.0.1:1", None, tmp_path, log_path=log, command=[sys.executable, "-c", probe],
+                        cpus=[0])
+    assert proc.wait(timeout=120) == 0, log.read_text()
+    assert log.read_text().split() == ["[0]", "1", "1", "1"]
 
 
 @pytest.mark.integration
