@@ -52,6 +52,12 @@ STEP_POSITION_COST = 1.5
 # against 657-904 in one pass (bf16, 1 thread, 6 alternating runs: benchmarks/encoder.py
 # --full-chunks 128 512)
 FULL_CHUNK = 128
+# On a GPU one pass takes a whole batch's misses: there a pass costs its kernel launches and the
+# Python around them, not its activations. The scale workload's first phase on an H200 with the
+# process pinned to 2 cores (2 lanes, random weights; benchmarks/stage.py's run from a scratch
+# script, one run each): passes of up to 4,096 users 8,304 events/s, encode 228 us per list;
+# passes of 128 users 4,672 events/s, 631 us.
+GPU_FULL_CHUNK = 4096
 # a full-recompute pass packs its windows into shared rows (model/encoder.py) only when that
 # saves at least this many padded positions: the packing's indexing costs a pass ~0.3-0.6 ms,
 # the work of ~30-50 positions (bf16, 1 thread, scratch runs, alternating: one window of 1-50
@@ -262,7 +268,7 @@ class IncrementalEncoder:
         self.attend_dtype = self.dtype if bf16 else torch.float32
         self.window = cfg.max_len
         self.round_cost = round_cost
-        self.full_chunk = FULL_CHUNK
+        self.full_chunk = FULL_CHUNK if self.device.type == "cpu" else GPU_FULL_CHUNK
         # the embedded inputs of each user's last conv_kernel - 1 known events (0: none), which
         # the input convolution mixes into the next event's
         self.before = max(0, cfg.conv_kernel - 1)

@@ -395,10 +395,12 @@ def test_a_batch_larger_than_the_budget_still_encodes_everyone():
 
 
 def test_full_recomputes_in_passes_of_a_few_users_equal_one_pass(monkeypatch):
-    """Misses are recomputed FULL_CHUNK users at a time: the vectors and the cached keys each
-    user's next step attends to are those of one pass over everyone."""
+    """Misses are recomputed FULL_CHUNK users at a time on the CPU (on a GPU, GPU_FULL_CHUNK):
+    the vectors and the cached keys each user's next step attends to are those of one pass over
+    everyone."""
     from model import incremental
 
+    assert incremental.GPU_FULL_CHUNK >= 4096 > incremental.FULL_CHUNK   # a GPU pass takes a whole batch
     enc, index = make_encoder()
     rng = np.random.default_rng(8)
     hists = [history(rng, length) for length in (12, 10, 11, 12, 9)]   # more new events than MAX_STEPS
