@@ -283,6 +283,24 @@ def test_serving_builds_the_linear_kernels_of_each_shape_and_row_count_at_load(m
     assert len({shape[0] for _, shape in called}) == len({bucket_rows(m) for m in range(1, incremental.KERNEL_ROWS + 1)})
 
 
+def test_serving_on_a_gpu_keeps_attention_off_kernels_compiled_per_shape(monkeypatch):
+    """On CUDA, serving turns cuDNN's attention off (it compiles a kernel for every new batch
+    shape); on the CPU it leaves the setting alone."""
+    from model import incremental
+
+    calls = []
+    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", calls.append)
+    incremental.keep_attention_precompiled(torch.device("cpu"))
+    assert calls == []
+    incremental.keep_attention_precompiled(torch.device("cuda"))
+    assert calls == [False]
+    placed = []
+    monkeypatch.setattr(incremental, "keep_attention_precompiled", placed.append)
+    enc, index = make_encoder()
+    incremental.for_serving(enc, index, budget_bytes=1 << 20)
+    assert placed == [torch.device("cpu")]
+
+
 def test_serving_claims_its_cache_at_start_and_refuses_more_than_the_memory_left():
     """A budget is faulted in (zeroed) when the model loads, not slot by slot under traffic,
     and one the machine cannot hold fails then, with its size."""
