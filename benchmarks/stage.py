@@ -6,6 +6,7 @@ run on 2 cores).
 
     python benchmarks/stage.py --workload shop                         # trains a small model first
     python benchmarks/stage.py --workload scale --model DIR --lanes 1 2 --repeats 2
+    taskset -c 0,1 python benchmarks/stage.py --workload scale --model random   # 2 cores of a GPU machine
 
 The events are the workload's first phase (`streamrec/bench.py`), cut into batches of
 ``--max-batch`` events in arrival order (a worker at saturation takes full batches), coalesced
@@ -26,6 +27,7 @@ from pathlib import Path
 import faiss
 import torch
 
+from lanes import random_model
 from model.artifact import keep_freed_memory
 from stream.events import event_from_dict
 from stream.recommender import RECOMMEND_STAGES, Recommender
@@ -82,7 +84,8 @@ def run(model: Path, lanes: int, work: list[list], start: dict[str, bytes]) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", choices=("shop", "scale"), default="shop")
-    parser.add_argument("--model", type=Path, help="model directory (default: train one as bench e2e does)")
+    parser.add_argument("--model", help="model directory (default: train one as bench e2e does); 'random': "
+                                        "the recipe's encoder with random weights over the scale shop's items")
     parser.add_argument("--events", type=int, default=20000, help="events of the phase")
     parser.add_argument("--max-batch", type=int, default=WorkerSettings.max_batch)
     parser.add_argument("--lanes", type=int, nargs="+", default=[WorkerSettings.lanes])
@@ -91,7 +94,11 @@ def main() -> None:
     keep_freed_memory()
     options = E2EOptions(events=args.events, workload=args.workload)
     workload = ShopWorkload(options) if args.workload == "shop" else ScaleWorkload(options)
-    model = args.model or workload.train(Path(tempfile.mkdtemp(prefix="streamrec-stage-")), options)
+    if args.model == "random":
+        model = Path(random_model(tempfile.mkdtemp(prefix="streamrec-random-model-")))
+    else:
+        model = Path(args.model) if args.model else workload.train(Path(tempfile.mkdtemp(prefix="streamrec-stage-")),
+                                                                   options)
     work = batches(workload.phase(0), args.max_batch)
     start = {user: state.encode() for user, state in workload.states()}
     print(f"{args.workload}: {sum(len(b) for b in work):,} lists of {args.events:,} events in {len(work)} batches "
