@@ -236,16 +236,15 @@ def peak_rss_mb(pid: int) -> float | None:
 def _launcher(variant: str, options: E2EOptions, workdir: Path):
     """(start a worker process, clean up) for ``worker``, ``naive`` or ``commit:<sha>``."""
     repo = Path(__file__).resolve().parents[1]
-    pinned = {"cpus": options.worker_cpus}
     if variant == "worker":
         extra = harness.worker_flags(guarantee=options.guarantee, max_batch=options.max_batch,
                                      cache_mb=options.cache_mb, lanes=options.lanes, store=options.store)
         return (lambda b, m, d, log: harness.start_worker(b, m, d, partitions=options.partitions, log_path=log,
-                                                          extra=extra, **pinned)), (lambda: None)
+                                                          extra=extra, cpus=options.worker_cpus)), (lambda: None)
     if variant == "naive":
         command = [sys.executable, str(repo / "benchmarks" / "naive_worker.py")]
         return (lambda b, m, d, log: harness.start_worker(b, m, d, partitions=options.partitions, log_path=log,
-                                                          command=command, **pinned)), (lambda: None)
+                                                          command=command, cpus=options.worker_cpus)), (lambda: None)
     if variant.startswith("commit:"):
         source = workdir / "source"
         subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(source), variant[7:]],
@@ -256,7 +255,8 @@ def _launcher(variant: str, options: E2EOptions, workdir: Path):
             subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(source)], capture_output=True)
 
         return (lambda b, m, d, log: harness.start_worker(b, m, d, partitions=options.partitions, log_path=log,
-                                                          extra=extra, source=source, **pinned)), cleanup
+                                                          extra=extra, source=source,
+                                                          cpus=options.worker_cpus)), cleanup
     raise ValueError(f"unknown variant {variant!r}: worker, naive or commit:<sha>")
 
 
