@@ -96,9 +96,10 @@ def main() -> None:
     workload = ShopWorkload(options) if args.workload == "shop" else ScaleWorkload(options)
     if args.model == "random":
         model = Path(random_model(tempfile.mkdtemp(prefix="streamrec-random-model-")))
+    elif args.model:
+        model = Path(args.model)
     else:
-        model = Path(args.model) if args.model else workload.train(Path(tempfile.mkdtemp(prefix="streamrec-stage-")),
-                                                                   options)
+        model = workload.train(Path(tempfile.mkdtemp(prefix="streamrec-stage-")), options)
     work = batches(workload.phase(0), args.max_batch)
     start = {user: state.encode() for user, state in workload.states()}
     print(f"{args.workload}: {sum(len(b) for b in work):,} lists of {args.events:,} events in {len(work)} batches "

@@ -331,11 +331,9 @@ class ItemIndex:
         also when torch already searches it elsewhere (flat indexes are searched by torch on the CPU)."""
         if self.info.kind != "flat" or hasattr(self, "_gpu_resources"):
             raise ValueError(f"only a flat index on the CPU moves to torch, this one is {self.info.kind} on {self.backend}")
-        if isinstance(self._index, TorchExactIP):
-            if self._index.device != torch.device(device):
-                self._index = TorchExactIP(self._index.flat, device)
-        else:
-            self._index = TorchExactIP(self._index, device)
+        searched = isinstance(self._index, TorchExactIP)
+        if not (searched and self._index.device == torch.device(device)):
+            self._index = TorchExactIP(self._index.flat if searched else self._index, device)
 
     @property
     def backend(self) -> str:
