@@ -26,11 +26,10 @@ import time
 import numpy as np
 import torch
 
-from model.artifact import bf16_is_fast, keep_freed_memory
+from model.artifact import bf16_is_fast, keep_attention_precompiled, keep_freed_memory
 from model.data import featurize
 from model.encoder import EncoderConfig, Packing, SequenceEncoder, encode_packed
-from model.incremental import (EncodeRequest, FusedLinear, IncrementalEncoder, keep_attention_precompiled,
-                               with_bf16_linears)
+from model.incremental import EncodeRequest, FusedLinear, IncrementalEncoder, with_bf16_linears
 
 
 CONVS = {"none": {"conv_kernel": 0}, "input": {}}
@@ -388,7 +387,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    keep_attention_precompiled(device)   # as serving does (on CUDA)
+    keep_attention_precompiled(device)   # as a loaded model does (on CUDA)
     kept = False if args.glibc_defaults else keep_freed_memory()
     print(f"device {device}, batch {args.batch}, {args.items:,} items, dim {args.dim}, "
           f"torch threads {torch.get_num_threads()}, malloc {'keeps freed memory' if kept else 'defaults'}")

@@ -52,6 +52,21 @@ def bf16_is_fast(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
 
 
+def keep_attention_precompiled(device: torch.device) -> None:
+    """On CUDA, keep scaled_dot_product_attention off cuDNN's backend (for the whole process).
+    ``ModelArtifact.load`` calls it: a loaded model serves (the worker, the naive baseline) or is
+    evaluated, in batches whose shapes change from one to the next.
+
+    cuDNN's attention compiles a kernel (NVRTC) for each new shape. A sampling profile (py-spy,
+    4 s at saturation) of a worker on an H200, pinned to 2 cores, on the scale workload: its two
+    recommend threads spent 70% of their samples in nvrtcCompileProgram or waiting on its lock,
+    under the attention calls of full and step passes. The flash, memory-efficient and math
+    kernels are built ahead of time.
+    """
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def cpu_has_native_bf16(capabilities=None) -> bool:
     """AVX512-BF16 or AMX-BF16 on this x86 CPU (``capabilities``: torch.cpu.get_capabilities()'s
     mapping, for tests). Other architectures: False (not measured here, so float32)."""
@@ -186,7 +201,9 @@ class ModelArtifact:
         encoder = SequenceEncoder(cfg)
         encoder.load_state_dict(load_file(str(directory / WEIGHTS)))
         encoder.eval()
-        return cls(encoder, items, metadata, device=device)
+        artifact = cls(encoder, items, metadata, device=device)
+        keep_attention_precompiled(artifact.device)
+        return artifact
 
 
 def _write_json(path: Path, obj) -> None:

@@ -57,7 +57,7 @@ FULL_CHUNK = 128
 # process pinned to 2 cores (2 lanes, random weights; benchmarks/stage.py's run from a scratch
 # script, one run each, in one process): passes of up to 4,096 users 8,304 events/s, encode 228
 # us per list; passes of 128 users 4,672 events/s, 631 us. Those runs still compiled attention
-# kernels per shape (`keep_attention_precompiled`, found after), the 128-user runs first.
+# kernels per shape (`model.artifact.keep_attention_precompiled`, found after), the 128-user runs first.
 GPU_FULL_CHUNK = 4096
 # a full-recompute pass packs its windows into shared rows (model/encoder.py) only when that
 # saves at least this many padded positions: the packing's indexing costs a pass ~0.3-0.6 ms,
@@ -685,19 +685,6 @@ class IncrementalEncoder:
         return slot
 
 
-def keep_attention_precompiled(device: torch.device) -> None:
-    """On CUDA, keep scaled_dot_product_attention off cuDNN's backend (for the whole process).
-
-    cuDNN's attention compiles a kernel (NVRTC) for each new shape, and a serving pass's shape
-    changes with each batch's users. A sampling profile (py-spy, 4 s at saturation) of a worker
-    on an H200, pinned to 2 cores, on the scale workload: its two recommend threads spent 70% of
-    their samples in nvrtcCompileProgram or waiting on its lock, under the attention calls of
-    full and step passes. The flash, memory-efficient and math kernels are built ahead of time.
-    """
-    if device.type == "cuda":
-        torch.backends.cuda.enable_cudnn_sdp(False)
-
-
 def for_serving(encoder: SequenceEncoder, token_index: dict[str, int], budget_bytes: int = DEFAULT_BUDGET_BYTES,
                 lanes: int = 1) -> IncrementalEncoder:
     """The serving configuration: a bf16 cache (half the bytes to gather), and the linear
@@ -709,7 +696,6 @@ def for_serving(encoder: SequenceEncoder, token_index: dict[str, int], budget_by
     claim = device.type == "cpu"   # a GPU's memory is allocated at once anyway
     if claim:
         check_cache_fits(budget_bytes)
-    keep_attention_precompiled(device)
     bf16 = bf16_is_fast(device)
     if bf16:   # one bf16 copy of the blocks for all lanes (they only read it)
         encoder = with_bf16_linears(encoder.eval())

@@ -283,21 +283,23 @@ def test_serving_builds_the_linear_kernels_of_each_shape_and_row_count_at_load(m
     assert len({shape[0] for _, shape in called}) == len({bucket_rows(m) for m in range(1, incremental.KERNEL_ROWS + 1)})
 
 
-def test_serving_on_a_gpu_keeps_attention_off_kernels_compiled_per_shape(monkeypatch):
-    """On CUDA, serving turns cuDNN's attention off (it compiles a kernel for every new batch
-    shape); on the CPU it leaves the setting alone."""
-    from model import incremental
+def test_serving_on_a_gpu_keeps_attention_off_kernels_compiled_per_shape(monkeypatch, tmp_path):
+    """On CUDA, a loaded model (serving, the naive baseline, eval) turns cuDNN's attention off
+    (it compiles a kernel for every new batch shape); on the CPU it leaves the setting alone."""
+    from model import artifact
 
     calls = []
     monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", calls.append)
-    incremental.keep_attention_precompiled(torch.device("cpu"))
+    artifact.keep_attention_precompiled(torch.device("cpu"))
     assert calls == []
-    incremental.keep_attention_precompiled(torch.device("cuda"))
+    artifact.keep_attention_precompiled(torch.device("cuda"))
     assert calls == [False]
     placed = []
-    monkeypatch.setattr(incremental, "keep_attention_precompiled", placed.append)
+    monkeypatch.setattr(artifact, "keep_attention_precompiled", placed.append)
     enc, index = make_encoder()
-    incremental.for_serving(enc, index, budget_bytes=1 << 20)
+    items = sorted(index, key=index.get)
+    artifact.ModelArtifact(enc, items, device="cpu").save(tmp_path / "model")
+    artifact.ModelArtifact.load(tmp_path / "model", device="cpu")
     assert placed == [torch.device("cpu")]
 
 
