@@ -23,7 +23,7 @@ import numpy as np
 from index.catalogue import Catalogue
 from index.cold_start import AttributeEmbedder
 from index.item_index import EXACT_MAX_ITEMS, GPU_EXACT_MAX_ITEMS, ItemIndex, gpu_available
-from index.rerank import Reranker, RerankConfig, UserContext
+from index.rerank import Reranker, RerankConfig, UserContext, reranker_for
 from index.trending import Trending, event_weights
 from model.artifact import METADATA, ModelArtifact
 from model.data import load_log
@@ -142,7 +142,7 @@ class ServingModel:
         # on a GPU exact search ("auto" there) beats a saved approximate index
         exact_on_gpu = gpu_available() and len(vectors) <= GPU_EXACT_MAX_ITEMS
         index = ItemIndex.load(index_path) if index_path.exists() and not exact_on_gpu else ItemIndex.build(vectors)
-        reranker = Reranker(config, catalogue, vectors, artifact.items)
+        reranker = reranker_for(artifact.device, config, catalogue, vectors, artifact.items)   # beside the encoder
         incremental = None
         if artifact.config.positions == "rope" and cache_bytes > 0:
             incremental = for_serving(artifact.encoder, artifact.token_index, cache_bytes, lanes)

@@ -8,7 +8,7 @@ import torch
 
 from index import rerank
 from index.catalogue import Catalogue
-from index.rerank import Reranker, RerankConfig, UserContext
+from index.rerank import DeviceReranker, Reranker, RerankConfig, UserContext, reranker_for
 
 DIM = 8
 
@@ -238,3 +238,56 @@ def test_the_batched_greedy_selection_is_per_user_mmr(diversity):
         expected = mmr_reference(z[user], gram[user], 12, diversity)
         assert chosen[user][: len(expected)].tolist() == expected
         assert (chosen[user][len(expected):] == rerank.NOT_CHOSEN).all()
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_device_reranker_keeps_every_rule_and_makes_the_cpus_lists(monkeypatch, device):
+    """`DeviceReranker` (torch, where the encoder runs; on the CPU here, on the GPU where there is
+    one) against `Reranker` (numpy): filters, boosts, duplicates, padding, MMR, attribute caps and
+    "because" give the same lists, and every rule holds in them. Both multiply in the device's
+    product dtype (bf16 on a GPU whatever the CPU has)."""
+    monkeypatch.setattr(rerank, "PRODUCT_DTYPE", rerank.product_dtype(torch.device(device)))
+    rng = np.random.default_rng(7)
+    n, batch, width = 300, 24, 60
+    items = [f"i{row}" for row in range(n)]
+    vectors = rng.standard_normal((n, DIM)).astype(np.float32)
+    catalogue = Catalogue()
+    for row, item in enumerate(items):
+        catalogue.update({"item_id": item, "in_stock": row % 17 != 0, "attributes": [f"brand-{row % 40}"],
+                          "boost": 1.5 if row % 23 == 0 else None})
+    rows = np.stack([rng.permutation(n)[:width] for _ in range(batch)])
+    rows[:, -5:] = rows[:, :5]      # duplicates
+    rows[0, 30:] = -1               # padding
+    scores = np.sort(rng.standard_normal((batch, width)).astype(np.float32), axis=1)[:, ::-1].copy()
+    contexts = [UserContext(history=[items[r] for r in rng.choice(n, 20, replace=False)],
+                            purchased={items[r] for r in rng.choice(n, 5, replace=False)}) for _ in range(batch)]
+    for config in (RerankConfig(k=10), RerankConfig(k=10, diversity=0.0),
+                   RerankConfig(k=10, max_per_attribute=2, cap_attribute_max_share=0.05, recent_window=5)):
+        on_device = DeviceReranker(config, catalogue, vectors, items, device).rerank(contexts, rows, scores)
+        on_cpu = Reranker(config, catalogue, vectors, items).rerank(contexts, rows, scores)
+        assert [[(e["item_id"], e["because"]) for e in lst] for lst in on_device] == \
+            [[(e["item_id"], e["because"]) for e in lst] for lst in on_cpu]
+        assert [e["score"] for lst in on_device for e in lst] == \
+            pytest.approx([e["score"] for lst in on_cpu for e in lst], rel=1e-6, abs=1e-6)
+        for context, result, user_rows in zip(contexts, on_device, rows):
+            shown = ids(result)
+            assert len(shown) == len(set(shown)) == 10
+            assert set(shown) <= {items[r] for r in user_rows if r >= 0}
+            assert not set(shown) & context.purchased
+            assert not set(shown) & set(context.history[-(config.recent_window or len(context.history)):])
+            assert all(int(item[1:]) % 17 for item in shown)                       # in stock
+            assert all(entry["because"] in context.history for entry in result)
+            if config.max_per_attribute:
+                brands = [int(item[1:]) % 40 for item in shown]
+                assert max(brands.count(b) for b in brands) <= 2
+
+
+def test_the_worker_reranks_where_its_encoder_runs():
+    """numpy on the CPU; torch on a GPU (made without touching it: its arrays go there at the first batch)."""
+    config, vectors, items = RerankConfig(), np.eye(DIM, dtype=np.float32), [f"i{row}" for row in range(DIM)]
+    assert type(reranker_for(torch.device("cpu"), config, Catalogue(), vectors, items)) is Reranker
+    on_gpu = reranker_for("cuda", config, Catalogue(), vectors, items)
+    assert isinstance(on_gpu, DeviceReranker) and on_gpu.device == torch.device("cuda")
