@@ -48,9 +48,8 @@ def main() -> None:
     names = list(histories)
     states = [preloaded_state(u, histories[u]) for u in names]
     vectors = model.encode(states, names, [1] * users, [None] * users)
-    cpu = model.reranker if type(model.reranker) is Reranker else None
-    cpu = cpu or Reranker(model.reranker.config, model.reranker.catalogue, model.reranker._vectors, model.reranker._items)
-    on_device = DeviceReranker(cpu.config, cpu.catalogue, cpu._vectors, cpu._items, device)
+    rules = (model.reranker.config, model.reranker.catalogue, model.artifact.item_embeddings(), model.artifact.items)
+    cpu, on_device = Reranker(*rules), DeviceReranker(*rules, device)
     scores, rows = model.index.search(vectors, CANDIDATES_PER_K * cpu.config.k)
     contexts = [UserContext(history=s.items, purchased=frozenset(s.purchased)) for s in states]
     print(f"{len(cpu):,} items, candidates {rows.shape[1]}, the device reranker on {device}, torch threads {args.threads}")
