@@ -68,6 +68,19 @@ def test_recent_history_is_removed_by_default_and_optionally_kept():
     window = RerankConfig(recent_window=1, diversity=0.0)  # only the newest history item
     [windowed] = make_reranker(config=window).rerank([UserContext(history=["i3", "i1"])], rows, scores)
     assert ids(windowed) == ["i2", "i3", "i4"]
+    wider = RerankConfig(recent_window=5, diversity=0.0)   # wider than the history: all of it
+    [short] = make_reranker(config=wider).rerank([UserContext(history=["i4", "i3", "i1"])], rows, scores)
+    assert ids(short) == ["i2"]
+
+
+def test_users_rows_in_one_flat_batch():
+    reranker = make_reranker()
+    users = reranker.rows_by_user([["i1", "gone", "i2", "i3"], [], ["i9", "i0"]])
+    assert users.rows.tolist() == [1, 2, 3, 9, 0] and users.owner.tolist() == [0, 0, 0, 2, 2]
+    assert users.newest(2).rows.tolist() == [2, 3, 9, 0] and users.newest(0).rows.tolist() == []
+    assert users.padded(2).tolist() == [[2, 3], [-1, -1], [9, 0]]
+    assert users.padded(4).tolist() == [[1, 2, 3, -1], [-1, -1, -1, -1], [9, 0, -1, -1]]
+    assert users.codes(10).tolist() == [1, 2, 3, 31, 22]
 
 
 def test_unavailable_items_are_removed_unknown_items_kept():
