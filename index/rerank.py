@@ -28,8 +28,8 @@ GPU worker's few CPU cores keep only the per-user Python work (row lookups, excl
 the output dicts). `reranker_for(device, ...)` picks one. On the CPU numpy stays: its small
 operations cost less than torch's, and a worker's batches are mostly small (torch on the CPU,
 the same lists, `python benchmarks/rerank_device.py --model DIR` on the scale model, 1 thread:
-161-164 against 136-142 us per list in batches of 20 users, 121-140 against 112-115 in 256;
-137-139 against 144-167 in 2,048).
+158-162 against 130-136 us per list in batches of 20 users, 121-123 against 112-118 in 256;
+123-139 against 142-163 in 2,048).
 Row numbers are the rows of `ItemIndex`: when cold-start items are added, call
 `ItemIndex.add(vectors)` and `Reranker.add_items(items, vectors)` with the same order.
 """
