@@ -110,8 +110,8 @@ class UserRows:
         """Each user's last ``count`` rows (None: all of them)."""
         if count is None:
             return self
-        from_end = self._counts()[self.owner] - self._index_in_user() - 1
-        take = from_end < count
+        counts = np.bincount(self.owner, minlength=self.users)
+        take = counts[self.owner] - self._index_in_user(counts) - 1 < count
         return UserRows(self.rows[take], self.owner[take], self.users)
 
     def codes(self, n: int) -> np.ndarray:
@@ -122,15 +122,12 @@ class UserRows:
         """[users, width]: each user's last ``width`` rows from column 0, oldest first; -1 after."""
         newest = self.newest(width)
         out = np.full((self.users, width), -1, dtype=np.int64)
-        out[newest.owner, newest._index_in_user()] = newest.rows
+        out[newest.owner, newest._index_in_user(np.bincount(newest.owner, minlength=self.users))] = newest.rows
         return out
 
-    def _counts(self) -> np.ndarray:
-        return np.bincount(self.owner, minlength=self.users)
-
-    def _index_in_user(self) -> np.ndarray:
-        starts = np.cumsum(self._counts()) - self._counts()
-        return np.arange(len(self.rows)) - starts[self.owner]
+    def _index_in_user(self, counts: np.ndarray) -> np.ndarray:
+        """Each row's place among its user's rows (``counts``: rows per user)."""
+        return np.arange(len(self.rows)) - (np.cumsum(counts) - counts)[self.owner]
 
 
 class Reranker:
