@@ -9,7 +9,7 @@ The users and histories are the scale workload's (``streamrec bench e2e --worklo
 which trains such a model into its work directory); the model must know their items.
 ``--model random`` serves the recipe's encoder with random weights over the scale shop's whole
 catalogue (speed does not depend on the weights). On a machine with CUDA the encoder and the
-exact search run on the GPU, the rerank on the CPU.
+exact search run on the GPU, and the rerank's batch arrays (`DeviceReranker`).
 """
 
 from __future__ import annotations
