@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 
 import msgpack
 import pytest
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.integration
 
 PARTITIONS = 2
 TIMEOUT_S = 90
+SWAP_WAIT_S = 60   # how long events keep coming for a hot-swap
 
 
 @pytest.fixture(scope="module")
@@ -115,12 +117,17 @@ async def test_hot_swap_names_the_new_version_and_loses_no_list(broker, worker, 
         new = write_model_dir(models_root / "v2", lambda tmp: train(
             tiny_shop[1], TrainConfig(epochs=1, seed=1), out_dir=tmp, progress=False))
         assert new.version != v1
-        # keep events flowing while the worker notices and loads v2
-        for n in range(3, 40):
+        # keep events flowing while the worker notices and loads v2: it swaps between batches, so
+        # events must still come once it has loaded (13 s on a slow CI run, ~4 s usually)
+        deadline, n = time.monotonic() + SWAP_WAIT_S, 3
+        while True:
             await send_events(broker.bootstrap, [event(u, items[(n * 7 + k) % len(items)], n)
                                                  for k, u in enumerate(users)])
             if all(collector.latest.get(u, {}).get("model_version") == new.version for u in users):
                 break
+            if time.monotonic() > deadline:
+                break
+            n += 1
             await asyncio.sleep(0.3)
         last = n
         for u in users:
