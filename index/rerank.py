@@ -133,6 +133,8 @@ class UserRows:
 class Reranker:
     """Filters, boosts and diversifies candidate rows into final per-user lists."""
 
+    device = torch.device("cpu")   # where the products' item vectors live (DeviceReranker: its device)
+
     def __init__(
         self,
         config: RerankConfig,
@@ -360,19 +362,24 @@ class Reranker:
                 marginal[(cand_attrs[:, :, :, None] == full[:, None, None, :]).any(axis=(2, 3))] = -np.inf
         return chosen
 
-    def _similarities(self, rows: np.ndarray):
+    def _similarities(self, rows) -> torch.Tensor:
         """[B, C, C] cosine similarities among each user's candidates (a torch tensor): one batched
         product, after which each greedy step only reads a column, instead of C x D work per step."""
-        unit = self._for_products("unit").index_select(0, torch.from_numpy(rows.reshape(-1))).view(*rows.shape, -1)
+        unit = self._product_rows("unit", rows)
         return torch.bmm(unit, unit.transpose(1, 2))
 
-    def _for_products(self, which: str):
+    def _product_rows(self, which: str, rows) -> torch.Tensor:
+        """``rows`` ([...], numpy or torch; none negative) of the item or unit vectors, [..., D]."""
+        rows = torch.as_tensor(rows, device=self.device)
+        return self._for_products(which).index_select(0, rows.reshape(-1)).view(*rows.shape, -1)
+
+    def _for_products(self, which: str) -> torch.Tensor:
         """Torch copies of the item vectors (``vectors``) or unit vectors (``unit``) for the
-        batched products, in PRODUCT_DTYPE; rebuilt when items were added."""
+        batched products, on the device in its product dtype; rebuilt when items were added."""
         source = self._vectors if which == "vectors" else self._unit
         cached = self._product_cache.get(which)
         if cached is None or len(cached) != len(source):
-            cached = self._product_cache[which] = torch.from_numpy(source).to(PRODUCT_DTYPE)
+            cached = self._product_cache[which] = torch.from_numpy(source).to(self.device, product_dtype(self.device))
         return cached
 
     def _because(self, history: UserRows, chosen_rows: np.ndarray) -> np.ndarray:
@@ -385,9 +392,8 @@ class Reranker:
         # longest history made a new shape of most batches.
         width = BECAUSE_HISTORY_MAX
         padded = history.padded(width)
-        vectors = self._for_products("vectors")
-        hist = vectors.index_select(0, torch.from_numpy(np.maximum(padded, 0).reshape(-1))).view(batch, width, -1)
-        recs = vectors.index_select(0, torch.from_numpy(np.maximum(chosen_rows, 0).reshape(-1))).view(batch, k, -1)
+        hist = self._product_rows("vectors", np.maximum(padded, 0))
+        recs = self._product_rows("vectors", np.maximum(chosen_rows, 0))
         affinity = torch.bmm(recs, hist.transpose(1, 2)).float().numpy()   # [B, k, H]
         invalid = (padded[:, None, :] < 0) | (padded[:, None, :] == chosen_rows[:, :, None])
         affinity[invalid] = -np.inf
@@ -506,28 +512,13 @@ class DeviceReranker(Reranker):
                 marginal.masked_fill_(closed, -torch.inf)
         return torch.where(best > -torch.inf, picks, NOT_CHOSEN).T.contiguous()
 
-    def _similarities(self, rows: torch.Tensor) -> torch.Tensor:
-        unit = self._for_products("unit")
-        unit = unit.index_select(0, rows.reshape(-1)).view(*rows.shape, -1)
-        return torch.bmm(unit, unit.transpose(1, 2))
-
-    def _for_products(self, which: str) -> torch.Tensor:
-        """On the device, in bf16 where it is fast there (CUDA; on the CPU PRODUCT_DTYPE, as `Reranker`)."""
-        source = self._vectors if which == "vectors" else self._unit
-        cached = self._product_cache.get(which)
-        if cached is None or len(cached) != len(source):
-            dtype = product_dtype(self.device)
-            cached = self._product_cache[which] = torch.from_numpy(source).to(self.device, dtype)
-        return cached
-
     def _because(self, history: UserRows, chosen_rows: torch.Tensor) -> torch.Tensor:
         batch, k = chosen_rows.shape
         if not len(history.rows):
             return torch.full((batch, k), -1, dtype=torch.int64, device=self.device)
         padded = torch.from_numpy(history.padded(BECAUSE_HISTORY_MAX)).to(self.device)
-        vectors = self._for_products("vectors")
-        hist = vectors.index_select(0, padded.clamp(min=0).reshape(-1)).view(*padded.shape, -1)
-        recs = vectors.index_select(0, chosen_rows.clamp(min=0).reshape(-1)).view(batch, k, -1)
+        hist = self._product_rows("vectors", padded.clamp(min=0))
+        recs = self._product_rows("vectors", chosen_rows.clamp(min=0))
         affinity = torch.bmm(recs, hist.transpose(1, 2)).float()   # [B, k, H]
         invalid = (padded[:, None, :] < 0) | (padded[:, None, :] == chosen_rows[:, :, None])
         affinity.masked_fill_(invalid, -torch.inf)
@@ -537,7 +528,8 @@ class DeviceReranker(Reranker):
 
 
 def product_dtype(device: torch.device) -> torch.dtype:
-    """The dtype of the similarity and "because" products on ``device``."""
+    """The dtype of the similarity and "because" products on ``device`` (bf16 where it is fast
+    there: CUDA; on the CPU PRODUCT_DTYPE)."""
     if device.type == "cpu":
         return PRODUCT_DTYPE
     return torch.bfloat16 if bf16_is_fast(device) else torch.float32
