@@ -191,6 +191,34 @@ def test_rotary_keys_rotate_each_coordinate_pair_by_its_angle():
     torch.testing.assert_close(score, (rotate(q, rotation_tables(4 * freqs)) * k).sum())
 
 
+def test_inference_computes_the_training_forms_sums_by_cheaper_means():
+    """Without autograd the input convolution is one depthwise convolution, the (type, gap)
+    embeddings one gather of their sums, and bf16 rotations batched products: the encoder's
+    outputs stay those of the training forms (float32), padding and full windows alike."""
+    from model.encoder import rotate, rotate_positions, rotation_tables
+
+    torch.manual_seed(0)
+    enc = SequenceEncoder(EncoderConfig(n_items=30, max_len=10, dim=16, n_heads=2, conv_kernel=3)).eval()
+    for table in (enc.conv, enc.type_emb.weight, enc.gap_emb.weight):   # row 0 too: padding is not zero
+        torch.nn.init.normal_(table)
+    items = torch.tensor([[0, 0, 0, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 9, 2, 2]])
+    types = torch.randint(0, enc.cfg.n_types, items.shape)
+    gaps = torch.randint(0, enc.cfg.n_gaps, items.shape)
+    trained = enc(items, types, gaps)   # autograd on: the training forms
+    with torch.inference_mode():
+        served, served_full = enc(items, types, gaps), enc(items[1:], types[1:], gaps[1:])
+    known = items > 0
+    torch.testing.assert_close(served[known], trained[known], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(served_full[0], trained[1], atol=1e-5, rtol=1e-5)
+
+    x, angles = torch.randn(3, 5, 2, 4, 8), torch.rand(5, 4) * 6
+    table = rotation_tables(angles)
+    torch.testing.assert_close(rotate_positions(x, table), rotate(x, table[:, :, None, None]))
+    by_products = rotate_positions(x.bfloat16(), table)
+    assert by_products.shape == x.shape and by_products.dtype == torch.bfloat16
+    torch.testing.assert_close(by_products.float(), rotate(x, table[:, :, None, None]), atol=0.05, rtol=0.02)
+
+
 def test_packing_puts_each_window_whole_into_one_row_without_overlap():
     from model.encoder import Packing
 
