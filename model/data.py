@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from itertools import chain, repeat
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,37 @@ N_GAP_BUCKETS = 32
 
 Interaction = tuple[str, str | None, float | None]  # (item_id, event type or None, ts or None)
 Log = dict[str, list[Interaction]]
+
+
+class History(Sequence):
+    """A user's events as three columns (items, types, times; oldest first), read as a
+    sequence of `Interaction`s without making a tuple per event.
+
+    The state table keeps a user's history as these three lists, and serving featurizes every
+    cache miss's whole window: `featurize` reads the columns directly, and only the few new
+    events a step takes become tuples. A view, not a copy: read it before the lists change."""
+
+    __slots__ = ("items", "types", "ts")
+
+    def __init__(self, items: list[str], types: list[str | None], ts: list[float | None]):
+        self.items, self.types, self.ts = items, types, ts
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, at):
+        if isinstance(at, slice):
+            return list(zip(self.items[at], self.types[at], self.ts[at]))
+        return self.items[at], self.types[at], self.ts[at]
+
+    def __iter__(self):
+        return zip(self.items, self.types, self.ts)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"History({list(self)!r})"
 
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 MSGPACK_SUFFIXES = {".msgpack", ".mpk"}
@@ -196,7 +228,7 @@ def gap_buckets(gaps: np.ndarray) -> np.ndarray:
         return np.where(gaps < 1.0, 1, np.minimum(N_GAP_BUCKETS - 1, 2 + np.floor(np.log2(gaps)))).astype(np.int64)
 
 
-def featurize(histories: list[list[Interaction]], token_index: dict[str, int], max_len: int,
+def featurize(histories: list[list[Interaction] | History], token_index: dict[str, int], max_len: int,
               width: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Item, type and gap ids of each history's last `max_len` known events (unknown items
     skipped, though their times still count for the next gap), left-padded with 0 into
@@ -210,10 +242,14 @@ def featurize(histories: list[list[Interaction]], token_index: dict[str, int], m
     if not n:
         empty = np.zeros((len(histories), width), dtype=np.int64)
         return empty, empty.copy(), empty.copy(), np.zeros(len(histories), dtype=np.int64)
-    # three passes over one flat list: zip(*events) with one argument per event slowed down
-    # ~15x past a few thousand users (2,048 users of 50 events: 45 against 2.5 us per user)
-    flat = list(chain.from_iterable(histories))
-    names, kinds, times = (list(map(itemgetter(field), flat)) for field in range(3))
+    if all(isinstance(h, History) for h in histories):   # the state's own columns
+        names, kinds, times = (list(chain.from_iterable(map(attrgetter(field), histories)))
+                               for field in History.__slots__)
+    else:
+        # three passes over one flat list: zip(*events) with one argument per event slowed down
+        # ~15x past a few thousand users (2,048 users of 50 events: 45 against 2.5 us per user)
+        flat = list(chain.from_iterable(histories))
+        names, kinds, times = (list(map(itemgetter(field), flat)) for field in range(3))
     items = np.fromiter(map(token_index.get, names, repeat(0)), dtype=np.int64, count=n)
     types = np.fromiter(map(TYPE_ID.get, kinds, repeat(0)), dtype=np.int64, count=n)
     if None in times:

@@ -16,6 +16,7 @@ from typing import Iterable
 
 import msgpack
 
+from model.data import History
 from stream.events import ShopEvent
 
 STATE_VERSION = 2        # 1: a map with the event ids themselves (still read)
@@ -62,9 +63,9 @@ class UserState:
             del self.purchased[:-MAX_PURCHASED], self.seen[:-MAX_EVENT_IDS]
         return applied
 
-    def history(self) -> list[tuple[str, str, float]]:
-        """(item, type, ts) oldest first: what ``ModelArtifact.encode`` takes."""
-        return list(zip(self.items, self.types, self.ts))
+    def history(self) -> History:
+        """(item, type, ts) oldest first, what the encoders take: a view of this state's lists."""
+        return History(self.items, self.types, self.ts)
 
     def encode(self) -> bytes:
         """A msgpack array (no key names on the hot path): version, then the fields in order."""

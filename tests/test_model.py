@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model.artifact import ModelArtifact
-from model.data import EVENT_TYPES, TYPE_ID, featurize, gap_bucket, leave_one_out, load_log
+from model.data import EVENT_TYPES, TYPE_ID, History, featurize, gap_bucket, leave_one_out, load_log
 from model.encoder import EncoderConfig, SequenceEncoder
 from model.evaluate import evaluate, evaluate_popularity
 from model.train import TailAverage, TrainConfig, train
@@ -137,6 +137,11 @@ def test_featurize_matches_a_per_event_reading():
             assert list(got[6 - len(want):]) == want and not got[:6 - len(want)].any()
     assert featurize([], index, 6)[0].shape == (0, 0)
     assert featurize([[]], index, 6, width=1)[0].tolist() == [[0]]
+    # the state's columns (History) read as the same events, without a tuple per event
+    columns = [History(*(list(c) for c in zip(*h))) if h else History([], [], []) for h in histories]
+    assert columns == histories and [columns[3][1], columns[3][-2:]] == [histories[3][1], histories[3][-2:]]
+    for got, want in zip(featurize(columns, index, max_len=6, width=2), (items, types, gaps, lengths)):
+        np.testing.assert_array_equal(got, want)
 
 
 # ----------------------------------------------------------------------------- encoder
