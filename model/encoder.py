@@ -94,6 +94,15 @@ def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     return x * rotation[0] + torch.cat([x[..., half:], x[..., :half]], -1) * rotation[1]
 
 
+# Passes of fewer positions (users x events) than this keep the elementwise forms of the rotation
+# and of the input convolution (`rotate_positions`, `SequenceEncoder.mix_recent`): their
+# batched forms are oneDNN kernels built the first time each shape comes (a new shape's first
+# depthwise convolution ~0.3 ms, rotation product ~0.6 ms more than the next; scratch), and
+# small passes come in too many shapes to repay that. Above it the shapes repeat: a backlog's
+# full recomputes are passes of 128 users of up to 50 events.
+BATCHED_FORMS_MIN_POSITIONS = 2048
+
+
 def rotate_positions(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """``rotate`` for x [B, L, ..., head_dim] at positions 0..L-1 (``rotation`` [2, L, head_dim]).
 
@@ -102,8 +111,9 @@ def rotate_positions(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     product rounds once where the elementwise form rounds three times. The queries and keys of a
     full recompute (128 users x 50 events, 256 wide, 1 thread) took ~1.3 against ~4.5 ms per
     layer (scratch). The result is laid out position-major (a view in x's shape). Other dtypes
-    (training, float32 serving) keep the elementwise form."""
-    if x.dtype != torch.bfloat16:
+    (training, float32 serving) and small passes (BATCHED_FORMS_MIN_POSITIONS) keep the
+    elementwise form."""
+    if x.dtype != torch.bfloat16 or x.shape[0] * x.shape[1] < BATCHED_FORMS_MIN_POSITIONS:
         return rotate(x, rotation.reshape(2, rotation.shape[1], *[1] * (x.dim() - 3), rotation.shape[-1]))
     B, L, hd = x.shape[0], x.shape[1], x.shape[-1]
     rows = x.movedim(1, 0).reshape(L, -1, hd)                               # [L, B * ..., hd], one copy
@@ -281,7 +291,7 @@ class SequenceEncoder(nn.Module):
         if last_only:   # one product over the newest rows, their columns in the same order
             rows = known[:, -(last + 1):]
             return x[:, -1:] + (rows * weight[:, weight.shape[1] - rows.shape[1]:].T).sum(1, keepdim=True)
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and known.shape[0] * known.shape[1] >= BATCHED_FORMS_MIN_POSITIONS:
             return self._convolve(known)
         # shifted multiply-adds into one output: no layout change for a conv1d, no padded copies
         # (4x faster than out-of-place shifted products on a [256, 50, 256] batch, 1 thread)
