@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from model.artifact import bf16_is_fast, keep_attention_precompiled, keep_freed_memory
+from model.artifact import bf16_is_fast, cpu_has_amx_bf16, keep_attention_precompiled, keep_freed_memory
 from model.data import featurize
 from model.encoder import EncoderConfig, Packing, SequenceEncoder, encode_packed
 from model.incremental import EncodeRequest, FusedLinear, IncrementalEncoder, with_bf16_linears
@@ -176,8 +176,8 @@ def bench_dtypes(cfg: EncoderConfig, users: int, rounds: int):
 def bench_attention(cfg: EncoderConfig, passes: int, sizes=(1, 8, 64, 512)):
     """Medians of ``passes`` one-event passes of 1, 8, 64 and 512 warm users (L 50) per variant,
     on the CPU (bf16 where fast): a step's attention over the cache as float32 products from
-    PRODUCTS_MIN_QUERIES queries (`attend_by_products`, serving) against torch's fused operator
-    always. One encoder, the variant switched pass by pass: two encoders' caches sit at
+    PRODUCTS_MIN_QUERIES queries (`attend_by_products`: serving's choice on a CPU without AMX)
+    against torch's fused operator always (serving's choice with AMX). One encoder, the variant switched pass by pass: two encoders' caches sit at
     different addresses, and that alone moved a pass by up to ~15% (an A/A run)."""
     bf16 = bf16_is_fast(torch.device("cpu"))
     enc, index = random_encoder(cfg, torch.device("cpu"))
@@ -432,8 +432,10 @@ def main() -> None:
                   f"(medians of {args.dtypes} alternating rounds)")
     if args.attention:
         cfg = EncoderConfig(n_items=args.items, dim=args.dim)
+        fused = bf16_is_fast(torch.device("cpu")) and cpu_has_amx_bf16()   # IncrementalEncoder's rule
+        print(f"serving here: {'fused operator' if fused else 'products'} (AMX-BF16: {cpu_has_amx_bf16()})")
         for size, t in bench_attention(cfg, args.attention).items():
-            print(f"one-event pass of {size} warm users (L 50): products (serving) {t[True]:,.0f} us, fused operator "
+            print(f"one-event pass of {size} warm users (L 50): products {t[True]:,.0f} us, fused operator "
                   f"{t[False]:,.0f} us (medians of {args.attention} passes each, alternating)")
     if args.linear_rows:
         got = bench_linear_rows(args.linear_rows)

@@ -78,6 +78,17 @@ def cpu_has_native_bf16(capabilities=None) -> bool:
     return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 
 
+def cpu_has_amx_bf16(capabilities=None) -> bool:
+    """AMX-BF16 (matrix tiles) on this x86 CPU, where oneDNN's bf16 kernels, torch's fused CPU
+    attention among them, run on the tiles (``capabilities`` as for ``cpu_has_native_bf16``)."""
+    if capabilities is None:
+        try:
+            capabilities = torch.cpu.get_capabilities()
+        except (AttributeError, RuntimeError):
+            return False
+    return bool(capabilities.get("amx_tile") and capabilities.get("amx_bf16"))
+
+
 def keep_freed_memory() -> bool:
     """Have glibc's malloc keep freed memory for the next allocation instead of handing it back.
 

@@ -73,9 +73,13 @@ KERNEL_ROWS = 2048
 REBASE_WINDOWS = 64                 # positions move back by this many windows (3,200 at max_len 50)
 
 
-# a step pass's queries (users x new events) from which its attention runs as products on the
-# CPU: one-event passes of 1 / 2 / 4 / 8 warm users took 961 / 989 / 1,129 / 1,329 us with
-# products against 876 / 948 / 1,113 / 1,410 with the fused operator (scratch, bf16, 1 thread)
+# a step pass's queries (users x new events) from which its attention runs as products on a
+# CPU without AMX: one-event passes of 1 / 2 / 4 / 8 warm users took 961 / 989 / 1,129 / 1,329
+# us with products against 876 / 948 / 1,113 / 1,410 with the fused operator (scratch, bf16, 1
+# thread, an AMD EPYC with AVX512-BF16). With AMX tiles torch's fused bf16 attention is the
+# faster at every size: `benchmarks/encoder.py --attention 5` on a Xeon with AMX, passes of 1 /
+# 8 / 64 / 512 warm users: 1,521 / 1,859 / 4,260 / 32,922 us fused against 1,584 / 2,081 /
+# 6,744 / 69,569 with products
 PRODUCTS_MIN_QUERIES = 8
 
 
@@ -262,11 +266,14 @@ class IncrementalEncoder:
         self.dtype = dtype or torch.float32
         # bf16 matrix products (CUDA, AVX512-BF16): ~2x the vectors/s, agreement to ~1e-2
         self.bf16 = bf16
-        # a step's attention (_attend): as float32 products on the CPU from PRODUCTS_MIN_QUERIES
-        # queries; otherwise fused, in the cache's dtype where bf16 is fast, else in float32 (a
-        # bf16 cache on a CPU without bf16 instructions is upcast: emulated bf16 cost more)
-        self.attend_products = self.device.type == "cpu"
+        # a step's attention (_attend): fused, in the cache's dtype where bf16 is fast, else in
+        # float32 (a bf16 cache on a CPU without bf16 instructions is upcast: emulated bf16 cost
+        # more); on a CPU without AMX, as float32 products from PRODUCTS_MIN_QUERIES queries
+        from model.artifact import cpu_has_amx_bf16
+
         self.attend_dtype = self.dtype if bf16 else torch.float32
+        self.attend_products = self.device.type == "cpu" and not (
+            self.attend_dtype == torch.bfloat16 and cpu_has_amx_bf16())
         self.window = cfg.max_len
         self.round_cost = round_cost
         self.full_chunk = FULL_CHUNK if self.device.type == "cpu" else GPU_FULL_CHUNK
@@ -558,9 +565,10 @@ class IncrementalEncoder:
 
     def _attend(self, q, keys, values, hidden):
         """Attention of queries q [B, H, R, hd] (float32) over gathered keys and values [B, H, S, hd]
-        (cache dtype), ``hidden`` [B, 1, R or 1, S] masked out; float32 [B, H, R, hd]. On the CPU,
-        from PRODUCTS_MIN_QUERIES queries, as products in float32 (`attend_by_products`); else
-        one fused operator (scores, mask, softmax and weighted sum) in ``attend_dtype``."""
+        (cache dtype), ``hidden`` [B, 1, R or 1, S] masked out; float32 [B, H, R, hd]. On a CPU
+        without AMX, from PRODUCTS_MIN_QUERIES queries, as products in float32
+        (`attend_by_products`); else one fused operator (scores, mask, softmax and weighted sum)
+        in ``attend_dtype``."""
         if self.attend_products and q.shape[0] * q.shape[2] >= PRODUCTS_MIN_QUERIES:
             return attend_by_products(q, keys, values, ~hidden)
         dtype = self.attend_dtype

@@ -231,6 +231,28 @@ def test_bf16_weights_cast_once_give_what_autocast_gives_and_leave_the_model_alo
     assert serving.item_emb.weight is enc.item_emb.weight            # the embeddings are not copied
 
 
+def test_a_steps_attention_is_fused_where_the_cpu_has_amx_and_both_forms_agree():
+    """With AMX tiles torch's fused bf16 attention beats float32 products at every pass size;
+    without them products win from a few queries. Either way a step gives the same vectors."""
+    from model.artifact import cpu_has_amx_bf16
+
+    assert cpu_has_amx_bf16({"amx_tile": True, "amx_bf16": True, "avx512_bf16": True})
+    assert not cpu_has_amx_bf16({"avx512_f": True, "avx512_bf16": True})
+    enc, index = make_encoder()
+    rng = np.random.default_rng(8)
+    users = {f"u{n}": history(rng, 10) for n in range(12)}   # 12 queries a pass: past PRODUCTS_MIN_QUERIES
+    got = {}
+    for products in (True, False):
+        inc = IncrementalEncoder(enc, index, budget_bytes=1 << 20, dtype=torch.bfloat16, bf16=True)
+        assert inc.attend_products == (inc.device.type == "cpu" and not cpu_has_amx_bf16())
+        inc.attend_products = products
+        inc.encode([EncodeRequest(u, h[:9], new=9, tail_after="8") for u, h in users.items()])
+        got[products] = inc.encode([EncodeRequest(u, h, new=1, tail_before="8", tail_after="9")
+                                    for u, h in users.items()])
+        assert inc.stats.hits == len(users)
+    np.testing.assert_allclose(got[True], got[False], atol=5e-2)
+
+
 def test_serving_takes_bf16_products_only_from_a_cpu_with_bf16_instructions():
     """oneDNN "supports" bf16 on any AVX512 CPU by emulating it, which is slower than float32:
     serving and training use bf16 only where the CPU has AVX512-BF16 or AMX-BF16."""
