@@ -67,25 +67,25 @@ def keep_attention_precompiled(device: torch.device) -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
 
 
+def cpu_capabilities() -> dict:
+    """torch.cpu.get_capabilities()'s mapping (instruction sets by name), {} where torch has none."""
+    try:
+        return torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):
+        return {}
+
+
 def cpu_has_native_bf16(capabilities=None) -> bool:
-    """AVX512-BF16 or AMX-BF16 on this x86 CPU (``capabilities``: torch.cpu.get_capabilities()'s
-    mapping, for tests). Other architectures: False (not measured here, so float32)."""
-    if capabilities is None:
-        try:
-            capabilities = torch.cpu.get_capabilities()
-        except (AttributeError, RuntimeError):
-            return False
+    """AVX512-BF16 or AMX-BF16 on this x86 CPU (``capabilities``: a ``cpu_capabilities`` mapping,
+    for tests). Other architectures: False (not measured here, so float32)."""
+    capabilities = cpu_capabilities() if capabilities is None else capabilities
     return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 
 
 def cpu_has_amx_bf16(capabilities=None) -> bool:
     """AMX-BF16 (matrix tiles) on this x86 CPU, where oneDNN's bf16 kernels, torch's fused CPU
     attention among them, run on the tiles (``capabilities`` as for ``cpu_has_native_bf16``)."""
-    if capabilities is None:
-        try:
-            capabilities = torch.cpu.get_capabilities()
-        except (AttributeError, RuntimeError):
-            return False
+    capabilities = cpu_capabilities() if capabilities is None else capabilities
     return bool(capabilities.get("amx_tile") and capabilities.get("amx_bf16"))
 
 
