@@ -83,7 +83,8 @@ def queries_per_second(index, queries: np.ndarray) -> float:
 
 
 def memory_mb(index: ItemIndex) -> float:
-    return len(faiss.serialize_index(index._index)) / 2**20
+    searched = index._index   # flat indexes are searched through torch (TorchExactIP): its faiss index
+    return len(faiss.serialize_index(getattr(searched, "flat", searched))) / 2**20
 
 
 def build(method: str, vectors: np.ndarray, user_sample: np.ndarray) -> ItemIndex:

@@ -108,6 +108,24 @@ def test_ann_kinds_reach_high_recall(kind):
         assert index.info.nlist == item_index_module.ivf_nlist(3000)
 
 
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_a_querys_length_changes_its_scores_but_not_its_candidates(kind):
+    """Inner-product order does not depend on a query's length, and neither do the candidates
+    an approximate index finds: each query is scaled onto the items' sphere before the probe.
+    Scores scale with the query; a zero query scores ~0 everywhere (float32 distances)."""
+    vectors, _ = clustered(3000)
+    queries = item_index_module.tuning_queries(vectors, 50, seed=3)
+    index = ItemIndex.build(vectors, kind=kind)
+    scores, rows = index.search(queries, 50)
+    for factor in (1e-3, 40.0):
+        longer_scores, longer_rows = index.search(queries * factor, 50)
+        np.testing.assert_array_equal(longer_rows, rows)
+        np.testing.assert_allclose(longer_scores, scores * factor, rtol=1e-4, atol=1e-6 * factor)
+    zero_scores, zero_rows = index.search(np.zeros((1, vectors.shape[1]), np.float32), 5)
+    assert (zero_rows >= 0).all()
+    np.testing.assert_allclose(zero_scores, 0, atol=1e-4)
+
+
 def test_ivf_tuned_on_given_user_vectors_keeps_recall_for_them():
     """Encoder outputs need not look like items; tuning on a sample of them must cover them."""
     vectors, _ = clustered(3000)
