@@ -263,6 +263,7 @@ class IncrementalEncoder:
         self.token_index = token_index
         self.cfg = cfg
         self.device = device or next(encoder.parameters()).device
+        self.inputs = self.encoder.input_table()   # the weights are fixed while serving
         self.dtype = dtype or torch.float32
         # bf16 matrix products (CUDA, AVX512-BF16): ~2x the vectors/s, agreement to ~1e-2
         self.bf16 = bf16
@@ -505,7 +506,7 @@ class IncrementalEncoder:
         old = (held[:, None, :] >= start[:, None, None]) & (held[:, None, :] > positions[:, :, None] - W)
         causal = torch.ones(R, R, dtype=torch.bool, device=self.device).tril()
         hidden = ~torch.cat([old, causal.expand(B, R, R)], -1)[:, None]              # [B, 1, R, W + R]
-        x = enc.embed(items, types, gaps)                                            # [B, R, D]
+        x = enc.embed(items, types, gaps, inputs=self.inputs)                        # [B, R, D]
         if self.before:
             window = torch.cat([self._gather(self.recent, slots).to(x.dtype), x], 1)  # [B, K - 1 + R, D]
             last = (n_new[:, None] + torch.arange(self.before, device=self.device))[..., None]
@@ -544,7 +545,7 @@ class IncrementalEncoder:
         # the position each ring slot holds once the new event is in; below `start`: padding
         held = count[:, None] - (count[:, None] - self._ring[None, :]) % W
         hidden = (held < start[:, None])[:, None, None, :]                           # [B, 1, 1, W]
-        x = enc.embed(items, types, gaps)[:, None, :]                                # [B, 1, D]
+        x = enc.embed(items, types, gaps, inputs=self.inputs)[:, None, :]            # [B, 1, D]
         if self.before:
             window = torch.cat([self._gather(self.recent, slots).to(x.dtype), x], 1)  # [B, K, D]
             self._put(self.recent, slots, window[:, 1:].to(self.dtype))
@@ -610,12 +611,12 @@ class IncrementalEncoder:
         if packing is not None and (len(lengths) - len(packing.owner)) * width >= PACK_MIN_SAVED_POSITIONS:
             ids = [packing.lay_out(c[known]) for c in columns]
             h = encode_packed(self.encoder, *(torch.from_numpy(i).to(self.device) for i in ids), packing,
-                              kv_out=kvs, embedded_out=embedded).float()                    # [B, D]
+                              kv_out=kvs, embedded_out=embedded, inputs=self.inputs).float()                    # [B, D]
             rows, column = packing.row, packing.column
         else:   # (almost) one window a row anyway: left-padded, without the packing's indexing
             ids = [c[known] for c in columns]
             h = self.encoder(*(torch.from_numpy(i).to(self.device) for i in ids), kv_out=kvs,
-                             last_only=True, embedded_out=embedded)[:, -1].float()
+                             last_only=True, embedded_out=embedded, inputs=self.inputs)[:, -1].float()
             rows, column = np.arange(len(known)), width - lengths
         slots = np.array([self._slot_for(requests[n].user, lanes[n]) for n in known])
         out[np.asarray(where)[known]] = h.cpu().numpy()

@@ -199,7 +199,8 @@ def test_rotary_keys_rotate_each_coordinate_pair_by_its_angle():
 def test_inference_computes_the_training_forms_sums_by_cheaper_means(monkeypatch):
     """Without autograd the input convolution is one depthwise convolution, the (type, gap)
     embeddings one gather of their sums, and bf16 rotations batched products: the encoder's
-    outputs stay those of the training forms (float32), padding and full windows alike."""
+    outputs stay those of the training forms (float32), padding and full windows alike (full
+    windows attend by the attention's causal form instead of a mask)."""
     from model import encoder
     from model.encoder import rotate, rotate_positions, rotation_tables
 
@@ -311,6 +312,26 @@ def test_item_vector_adds_the_mean_of_its_attribute_vectors():
     v[1].sum().backward()  # attributes learn through the items that carry them
     assert enc.attr_emb.weight.grad[[1, 2, 3]].abs().sum() > 0
     assert enc.attr_emb.weight.grad[[4, 5]].abs().sum() == 0
+
+
+def test_serving_reads_the_inputs_from_a_table_with_the_same_floats():
+    """`input_table` (item vectors with their attributes, then the (type, gap) sums) read by
+    `embed` gives the first block exactly the embeddings' floats, so serving's passes do too."""
+    torch.manual_seed(0)
+    enc = SequenceEncoder(EncoderConfig(n_items=30, n_attributes=6, max_attrs=3, max_len=10, dim=16,
+                                        n_heads=2)).eval()
+    enc.item_attrs.copy_(torch.randint(0, 7, (31, 3)))
+    enc.item_attrs[0] = 0
+    for table in (enc.type_emb.weight, enc.gap_emb.weight):
+        torch.nn.init.normal_(table)
+    items = torch.tensor([[0, 0, 3, 4, 5, 6, 7, 8, 9, 30], [1, 2, 3, 4, 5, 6, 7, 9, 2, 2]])
+    types = torch.randint(0, enc.cfg.n_types, items.shape)
+    gaps = torch.randint(0, enc.cfg.n_gaps, items.shape)
+    with torch.inference_mode():
+        inputs = enc.input_table()
+        assert inputs.shape == (31 + enc.cfg.n_types * enc.cfg.n_gaps, 16)
+        assert torch.equal(enc.embed(items, types, gaps, inputs=inputs), enc.embed(items, types, gaps))
+        assert torch.equal(enc(items, types, gaps, inputs=inputs), enc(items, types, gaps))
 
 
 # ----------------------------------------------------------------------------- training
