@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import faiss
 import numpy as np
@@ -124,6 +125,12 @@ def test_a_querys_length_changes_its_scores_but_not_its_candidates(kind):
     zero_scores, zero_rows = index.search(np.zeros((1, vectors.shape[1]), np.float32), 5)
     assert (zero_rows >= 0).all()
     np.testing.assert_allclose(zero_scores, 0, atol=1e-4)
+    if kind == "ivf":   # one probed list of a few items: rows it cannot fill score -inf, without overflow
+        index.set_nprobe(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            short_scores, short_rows = index.search(queries * 40.0, 50)
+        assert (short_rows < 0).any() and np.isneginf(short_scores[short_rows < 0]).all()
 
 
 def test_ivf_tuned_on_given_user_vectors_keeps_recall_for_them():
