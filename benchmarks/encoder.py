@@ -173,19 +173,19 @@ def bench_dtypes(cfg: EncoderConfig, users: int, rounds: int):
     return alternating_rounds(variants, hist, users, rounds)
 
 
-def bench_attention(cfg: EncoderConfig, passes: int, sizes=(1, 8, 64, 512)):
+def bench_attention(cfg: EncoderConfig, passes: int, sizes=(1, 8, 64, 512)) -> tuple[str, dict]:
     """Medians of ``passes`` one-event passes of 1, 8, 64 and 512 warm users (L 50) per variant,
     on the CPU (bf16 where fast): a step's attention over the cache as float32 products from
     PRODUCTS_MIN_QUERIES queries (`attend_by_products`: serving's choice on a CPU without AMX)
-    against torch's fused operator always (serving's choice with AMX), and serving's choice here
-    (under "serving"). One encoder, the variant switched pass by pass: two encoders' caches sit
-    at different addresses, and that alone moved a pass by up to ~15% (an A/A run)."""
+    against torch's fused operator always (serving's choice with AMX); returns serving's choice
+    here and the medians by size. One encoder, the variant switched pass by pass: two encoders'
+    caches sit at different addresses, and that alone moved a pass by up to ~15% (an A/A run)."""
     bf16 = bf16_is_fast(torch.device("cpu"))
     enc, index = random_encoder(cfg, torch.device("cpu"))
     warm_up = 10   # untimed passes per size first (kernels compiled, pages touched)
     hist = histories(np.random.default_rng(0), max(sizes), 50 + 2 * (passes + warm_up), cfg.n_items)
     inc = IncrementalEncoder(enc, index, budget_bytes=1 << 34, dtype=torch.bfloat16, bf16=bf16)
-    out = {"serving": "products" if inc.attend_products else "fused operator"}
+    out = {}
     for size in sizes:
         inc.clear()
         inc.encode([EncodeRequest(f"u{n}", h[:50], new=50, tail_after="50") for n, h in enumerate(hist[:size])])
@@ -203,7 +203,7 @@ def bench_attention(cfg: EncoderConfig, passes: int, sizes=(1, 8, 64, 512)):
                     spent[products].append(time.perf_counter() - started)
         assert inc.stats.hits >= 2 * (warm_up + passes) * size, inc.stats.as_dict()
         out[size] = {mode: float(np.median(t)) * 1e6 for mode, t in spent.items()}
-    return out
+    return ("products" if inc.attend_products else "fused operator"), out
 
 
 def bench_linear_rows(rounds: int):
@@ -433,8 +433,8 @@ def main() -> None:
                   f"(medians of {args.dtypes} alternating rounds)")
     if args.attention:
         cfg = EncoderConfig(n_items=args.items, dim=args.dim)
-        times = bench_attention(cfg, args.attention)
-        print(f"serving here: {times.pop('serving')} (AMX-BF16: {cpu_has_amx_bf16()})")
+        serving, times = bench_attention(cfg, args.attention)
+        print(f"serving here: {serving} (AMX-BF16: {cpu_has_amx_bf16()})")
         for size, t in times.items():
             print(f"one-event pass of {size} warm users (L 50): products {t[True]:,.0f} us, fused operator "
                   f"{t[False]:,.0f} us (medians of {args.attention} passes each, alternating)")

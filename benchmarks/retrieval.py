@@ -83,8 +83,7 @@ def queries_per_second(index, queries: np.ndarray) -> float:
 
 
 def memory_mb(index: ItemIndex) -> float:
-    searched = index._index   # flat indexes are searched through torch (TorchExactIP): its faiss index
-    return len(faiss.serialize_index(getattr(searched, "flat", searched))) / 2**20
+    return len(faiss.serialize_index(index.faiss_index())) / 2**20
 
 
 def build(method: str, vectors: np.ndarray, user_sample: np.ndarray) -> ItemIndex:

@@ -398,15 +398,20 @@ class ItemIndex:
         return np.arange(first, first + len(vectors), dtype=np.int64)
 
     # -------------------------------------------------------------- persistence
+    def faiss_index(self) -> faiss.Index:
+        """The FAISS index on the host, as `save` writes it (a flat index that torch searches is
+        its faiss original; one on a GPU, copied back)."""
+        index = self._index
+        if isinstance(index, TorchExactIP):
+            return index.flat
+        if hasattr(faiss, "index_gpu_to_cpu") and hasattr(self, "_gpu_resources"):
+            return faiss.index_gpu_to_cpu(index)
+        return index
+
     def save(self, path: str | os.PathLike) -> None:
         """Write the FAISS index to `path` and its settings to `path` + ".json"."""
         path = Path(path)
-        index = self._index
-        if isinstance(index, TorchExactIP):
-            index = index.flat
-        elif hasattr(faiss, "index_gpu_to_cpu") and hasattr(self, "_gpu_resources"):
-            index = faiss.index_gpu_to_cpu(index)
-        faiss.write_index(index, str(path))
+        faiss.write_index(self.faiss_index(), str(path))
         sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
         sidecar.write_text(json.dumps(asdict(self.info), indent=2))
 
