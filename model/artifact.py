@@ -67,6 +67,19 @@ def keep_attention_precompiled(device: torch.device) -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
 
 
+def host_view(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's memory as a numpy array (bfloat16, which numpy lacks, as its int16 bits)."""
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def as_float32(values: np.ndarray) -> np.ndarray:
+    """``host_view``'s values as float32: bf16 bits (int16) shifted into the high half of a
+    float32, exact as torch's conversion; other arrays as they are."""
+    if values.dtype != np.int16:
+        return values
+    return (values.astype(np.int32) << 16).view(np.float32)
+
+
 def cpu_capabilities() -> dict:
     """torch.cpu.get_capabilities()'s mapping (instruction sets by name), {} where torch has none."""
     try:

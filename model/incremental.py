@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model.artifact import host_view
 from model.data import Interaction, TYPE_ID, featurize, gap_bucket
 from model.encoder import Packing, SequenceEncoder, encode_packed, rotate
 
@@ -195,11 +196,6 @@ class FusedLinear(torch.nn.Module):
         except (AttributeError, RuntimeError):
             return False
         return True
-
-
-def host_view(t: torch.Tensor) -> np.ndarray:
-    """A CPU tensor's memory as a numpy array (bfloat16, which numpy lacks, as its int16 bits)."""
-    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
 @dataclass

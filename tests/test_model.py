@@ -289,6 +289,19 @@ def test_keep_freed_memory_sets_malloc_where_glibc_is():
     assert keep_freed_memory() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
 
 
+def test_bf16_read_through_numpy_widens_to_torchs_float32_bit_for_bit():
+    from model.artifact import as_float32, host_view
+
+    values = torch.cat([torch.randn(1000) * 10.0 ** torch.randint(-40, 38, (1000,)),
+                        torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-40, -1e-40])]).bfloat16()
+    widened = as_float32(host_view(values)[::-1])   # a strided gather, as the rerank's columns are
+    assert widened.dtype == np.float32
+    assert (widened.view(np.int32) == values.float().numpy()[::-1].view(np.int32)).all()
+    assert np.isnan(as_float32(host_view(torch.tensor([float("nan")]).bfloat16()))).all()
+    plain = np.arange(3, dtype=np.float32)
+    assert as_float32(plain) is plain
+
+
 def test_width_must_split_into_heads():
     with pytest.raises(ValueError, match="multiple of n_heads"):
         EncoderConfig(dim=50, n_heads=4)
