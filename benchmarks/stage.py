@@ -7,8 +7,10 @@ run on 2 cores).
     python benchmarks/stage.py --workload shop                         # trains a small model first
     python benchmarks/stage.py --workload scale --model DIR --lanes 1 2 --repeats 2
     taskset -c 0,1 python benchmarks/stage.py --workload scale --model random   # 2 cores of a GPU machine
+    python benchmarks/stage.py --workload scale --model DIR --after 3   # a warm worker: the 4th phase
 
-The events are the workload's first phase (`streamrec/bench.py`), cut into batches of
+The events are the workload's first phase (`streamrec/bench.py`; with ``--after N``, the
+phase after N that the same recommender serves first, untimed), cut into batches of
 ``--max-batch`` events in arrival order (a worker at saturation takes full batches), coalesced
 per user and applied to each user's state as the pipeline does; each batch then goes through
 `Recommender.recommend_batch` with the worker's lanes and garbage-collector settings. Each run
@@ -49,9 +51,11 @@ def batches(events: list[dict], max_batch: int) -> list[list]:
     return out
 
 
-def run(model: Path, lanes: int, work: list[list], start: dict[str, bytes]) -> dict:
-    """One pass over the batches with a fresh Recommender (an empty cache)."""
-    rec = Recommender(model, lanes=lanes)
+def run(model: Path, lanes: int, work: list[list], start: dict[str, bytes], before: list[list] = (),
+        cache_mb: int = WorkerSettings.cache_mb) -> dict:
+    """One pass over the batches with a fresh Recommender (an empty cache); the batches of
+    ``before`` go through it first, untimed (a worker that has already served them)."""
+    rec = Recommender(model, lanes=lanes, cache_bytes=cache_mb << 20)
     # the worker's collector settings: with Python's defaults the collector's passes over the
     # workload's 50k preloaded states ran inside whichever stage allocated next (the scale
     # workload, one lane, 0ab126e: 2,644 events/s against 2,841-2,977 with these)
@@ -61,7 +65,14 @@ def run(model: Path, lanes: int, work: list[list], start: dict[str, bytes]) -> d
     events = lists = 0
     wall = cpu = 0.0
     host_before = host_cpu_ticks()
-    for batch in work:
+    timed_from = len(before)
+    for n, batch in enumerate([*before, *work]):
+        if n == timed_from:   # what came before is untimed
+            counted_before = rec.cache_counters()
+            spent = dict.fromkeys(RECOMMEND_STAGES, 0.0)
+            events = lists = 0
+            wall = cpu = 0.0
+            host_before = host_cpu_ticks()
         states, users, new, tails, applied_events = [], [], [], [], []
         for user, user_events in batch:   # the pipeline's stage 1, untimed: it runs on the event loop
             state = UserState.decode(stored.get(user))
@@ -80,9 +91,9 @@ def run(model: Path, lanes: int, work: list[list], start: dict[str, bytes]) -> d
         events += len(applied_events)
         lists += len(result.lists)
     counters = rec.cache_counters()
-    looked_up = counters.get("cache_hits", 0) + counters.get("cache_misses", 0)
+    hits, misses = (counters.get(k, 0) - counted_before.get(k, 0) for k in ("cache_hits", "cache_misses"))
     return {"events": events, "lists": lists, "wall": wall, "cpu": cpu, "spent": spent,
-            "hits": counters.get("cache_hits", 0) / looked_up if looked_up else 0.0,
+            "hits": hits / (hits + misses) if hits + misses else 0.0,
             "steal": steal_percent(host_before, host_cpu_ticks())}
 
 
@@ -95,6 +106,10 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=WorkerSettings.max_batch)
     parser.add_argument("--lanes", type=int, nargs="+", default=[WorkerSettings.lanes])
     parser.add_argument("--repeats", type=int, default=1, help="runs of each lane count, alternating")
+    parser.add_argument("--cache-mb", type=int, default=WorkerSettings.cache_mb, help="the worker's --cache-mb")
+    parser.add_argument("--after", type=int, default=0,
+                        help="phases served, untimed, before the timed one: a warm cache (scale: the same "
+                             "users continue; shop: every phase's users are new)")
     args = parser.parse_args()
     keep_freed_memory()
     options = E2EOptions(events=args.events, workload=args.workload)
@@ -105,16 +120,17 @@ def main() -> None:
         model = Path(args.model)
     else:
         model = workload.train(Path(tempfile.mkdtemp(prefix="streamrec-stage-")), options)
-    work = batches(workload.phase(0), args.max_batch)
+    before = [b for n in range(args.after) for b in batches(workload.phase(n), args.max_batch)]
+    work = batches(workload.phase(args.after), args.max_batch)
     start = {user: state.encode() for user, state in workload.states()}
     print(f"{args.workload}: {sum(len(b) for b in work):,} lists of {args.events:,} events in {len(work)} batches "
-          f"(max {args.max_batch}); model {model}")
+          f"(max {args.max_batch}){f', after {args.after} untimed phase(s)' if args.after else ''}; model {model}")
     for repeat in range(args.repeats):
         for lanes in args.lanes:
             threads = WorkerSettings(broker="", model=None, lanes=lanes).torch_threads   # as the worker sets them
             torch.set_num_threads(threads)
             faiss.omp_set_num_threads(threads)
-            r = run(model, lanes, work, start)
+            r = run(model, lanes, work, start, before, args.cache_mb)
             stages = ", ".join(f"{k} {v / r['lists'] * 1e6:,.0f}" for k, v in r["spent"].items())
             print(f"lanes {lanes}: {r['events'] / r['wall']:,.0f} events/s, {r['lists'] / r['wall']:,.0f} lists/s "
                   f"(wall); process CPU {r['cpu'] / r['lists'] * 1e6:,.0f} us per list; thread us per list: "
