@@ -66,6 +66,7 @@ def run(model: Path, lanes: int, work: list[list], start: dict[str, bytes], befo
     wall = cpu = 0.0
     host_before = host_cpu_ticks()
     timed_from = len(before)
+    counted_before: dict = {}   # the cache's counters when the timed batches start
     for n, batch in enumerate([*before, *work]):
         if n == timed_from:   # what came before is untimed
             counted_before = rec.cache_counters()

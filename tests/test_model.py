@@ -294,7 +294,7 @@ def test_bf16_read_through_numpy_widens_to_torchs_float32_bit_for_bit():
 
     values = torch.cat([torch.randn(1000) * 10.0 ** torch.randint(-40, 38, (1000,)),
                         torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-40, -1e-40])]).bfloat16()
-    widened = as_float32(host_view(values)[::-1])   # a strided gather, as the rerank's columns are
+    widened = as_float32(host_view(values)[::-1])   # a strided view widens too
     assert widened.dtype == np.float32
     assert (widened.view(np.int32) == values.float().numpy()[::-1].view(np.int32)).all()
     assert np.isnan(as_float32(host_view(torch.tensor([float("nan")]).bfloat16()))).all()
