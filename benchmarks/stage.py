@@ -51,6 +51,21 @@ def batches(events: list[dict], max_batch: int) -> list[list]:
     return out
 
 
+def applied(batch: list, stored: dict[str, bytes]):
+    """The pipeline's stage 1 for one batch (it runs on the event loop, untimed here): each
+    user's events applied to the stored state; ``recommend_batch``'s arguments."""
+    states, users, new, tails, events = [], [], [], [], []
+    for user, user_events in batch:
+        state = UserState.decode(stored.get(user))
+        tails.append(state.last_event_id)
+        new.append(state.apply(user_events))
+        stored[user] = state.encode()
+        states.append(state)
+        users.append(user)
+        events += user_events
+    return states, events, (), users, new, tails
+
+
 def run(model: Path, lanes: int, work: list[list], start: dict[str, bytes], before: list[list] = (),
         cache_mb: int = WorkerSettings.cache_mb) -> dict:
     """One pass over the batches with a fresh Recommender (an empty cache); the batches of
@@ -61,35 +76,22 @@ def run(model: Path, lanes: int, work: list[list], start: dict[str, bytes], befo
     # workload, one lane, 0ab126e: 2,644 events/s against 2,841-2,977 with these)
     freeze_startup_heap()
     stored = dict(start)
+    for batch in before:
+        rec.recommend_batch(*applied(batch, stored))
+    counted_before = rec.cache_counters()
     spent = dict.fromkeys(RECOMMEND_STAGES, 0.0)
     events = lists = 0
     wall = cpu = 0.0
     host_before = host_cpu_ticks()
-    timed_from = len(before)
-    counted_before: dict = {}   # the cache's counters when the timed batches start
-    for n, batch in enumerate([*before, *work]):
-        if n == timed_from:   # what came before is untimed
-            counted_before = rec.cache_counters()
-            spent = dict.fromkeys(RECOMMEND_STAGES, 0.0)
-            events = lists = 0
-            wall = cpu = 0.0
-            host_before = host_cpu_ticks()
-        states, users, new, tails, applied_events = [], [], [], [], []
-        for user, user_events in batch:   # the pipeline's stage 1, untimed: it runs on the event loop
-            state = UserState.decode(stored.get(user))
-            tails.append(state.last_event_id)
-            new.append(state.apply(user_events))
-            stored[user] = state.encode()
-            states.append(state)
-            users.append(user)
-            applied_events += user_events
+    for batch in work:
+        args = applied(batch, stored)
         started, started_cpu = time.perf_counter(), time.process_time()
-        result = rec.recommend_batch(states, applied_events, (), users, new, tails)
+        result = rec.recommend_batch(*args)
         wall += time.perf_counter() - started
         cpu += time.process_time() - started_cpu
         for stage, seconds in result.timings.items():
             spent[stage] += seconds
-        events += len(applied_events)
+        events += len(args[1])
         lists += len(result.lists)
     counters = rec.cache_counters()
     hits, misses = (counters.get(k, 0) - counted_before.get(k, 0) for k in ("cache_hits", "cache_misses"))

@@ -379,12 +379,12 @@ class ItemIndex:
             # |sq|^2 + R^2 - 2 s q.x = d  =>  q.x = (|sq|^2 + R^2 - d) / (2 s)
             scaled, scale = onto_sphere(queries, radius)
             distances, rows = self._index.search(augment_queries(scaled), k)
-            distances[rows < 0] = np.inf   # none found (faiss: the largest float): -inf, no overflow
+            distances[rows < 0] = np.inf   # none found (faiss: the largest float): scores -inf, no overflow
             sq_norms = np.einsum("bd,bd->b", scaled, scaled)[:, None]
             scores = ((sq_norms + radius * radius - distances) / (2 * scale)).astype(np.float32)
         else:
             scores, rows = self._index.search(queries, k)
-        scores[rows < 0] = -np.inf
+            scores[rows < 0] = -np.inf   # none found (faiss: the lowest float)
         return scores, rows.astype(np.int64, copy=False)
 
     def add(self, vectors: np.ndarray) -> np.ndarray:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.artifact import host_view
+from model.artifact import cpu_has_amx_bf16, host_view
 from model.data import Interaction, TYPE_ID, featurize, gap_bucket
 from model.encoder import Packing, SequenceEncoder, encode_packed, rotate
 
@@ -266,8 +266,6 @@ class IncrementalEncoder:
         # a step's attention (_attend): fused, in the cache's dtype where bf16 is fast, else in
         # float32 (a bf16 cache on a CPU without bf16 instructions is upcast: emulated bf16 cost
         # more); on a CPU without AMX, as float32 products from PRODUCTS_MIN_QUERIES queries
-        from model.artifact import cpu_has_amx_bf16
-
         self.attend_dtype = self.dtype if bf16 else torch.float32
         self.attend_products = self.device.type == "cpu" and not (
             self.attend_dtype == torch.bfloat16 and cpu_has_amx_bf16())
@@ -607,7 +605,7 @@ class IncrementalEncoder:
         if packing is not None and (len(lengths) - len(packing.owner)) * width >= PACK_MIN_SAVED_POSITIONS:
             ids = [packing.lay_out(c[known]) for c in columns]
             h = encode_packed(self.encoder, *(torch.from_numpy(i).to(self.device) for i in ids), packing,
-                              kv_out=kvs, embedded_out=embedded, inputs=self.inputs).float()                    # [B, D]
+                              kv_out=kvs, embedded_out=embedded, inputs=self.inputs).float()   # [B, D]
             rows, column = packing.row, packing.column
         else:   # (almost) one window a row anyway: left-padded, without the packing's indexing
             ids = [c[known] for c in columns]
@@ -695,7 +693,7 @@ def for_serving(encoder: SequenceEncoder, token_index: dict[str, int], budget_by
     """The serving configuration: a bf16 cache (half the bytes to gather), and the linear
     layers in bf16 where the hardware runs bfloat16 fast (CUDA, AVX512-BF16); ``lanes``
     shares of budget_bytes / lanes each, claimed now on the CPU (`check_cache_fits` first)."""
-    from model.artifact import bf16_is_fast
+    from model.artifact import bf16_is_fast   # at call time: tests patch model.artifact's
 
     device = next(encoder.parameters()).device
     claim = device.type == "cpu"   # a GPU's memory is allocated at once anyway
