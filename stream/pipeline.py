@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from aiokafka import TopicPartition
 
-from stream.delivery import DeliveryFailed
+from stream.delivery import DeliveryFailed, SentBatch
 from stream.events import (DELETE_USER, DLQ_TOPIC, RECOMMENDATIONS_TOPIC, InvalidMessage, ShopEvent,
                            decode_keyed_event, encode_dead_letter, encode_recommendations)
 from stream.intake import RecordIntake
@@ -97,7 +97,7 @@ class BatchPipeline:
         self._idle.set()
         self._open = asyncio.Event()    # cleared while a rebalance or a shutdown drains the pipeline
         self._open.set()
-        self._durable: list[tuple[int, asyncio.Future]] = []   # (partition, changelog send) awaiting persist
+        self._durable: list[SentBatch] = []   # changelog batches awaiting persist
         self._cache_seen = (0, 0)   # encoder cache hits and misses already counted in the metrics
         self.stats = {"events": 0, "dlq": 0, "published": 0, "batches": 0, "expired": 0, "dlq_oversize": 0,
                       "seconds": dict.fromkeys(STAGES, 0.0)}
@@ -257,22 +257,19 @@ class BatchPipeline:
     async def finish(self, batch: Batch, future, updates) -> None:
         result = await self._recommend(batch, future, updates)
         started = time.perf_counter()
-        send = self.delivery.send
         now = time.time()
-        sent = []
-        for p, key in batch.erased:   # a tombstone: the shop drops the user's list
-            sent.append(await send(RECOMMENDATIONS_TOPIC, key, None, p))
-        for user, p, state, ranked, version, variant in zip(batch.users, batch.partitions, batch.states,
-                                                             result.lists, result.versions, result.variants):
-            sent.append(await send(RECOMMENDATIONS_TOPIC, user.encode(), encode_recommendations(
-                user, ranked, version, state.last_event_id, state.last_event_ts, now, variant), p))
-        for p, key, value in batch.changelog:
-            fut = await send(self.changelog_topic, key, value, p, partition=p)
-            sent.append(fut)
-            self._durable.append((p, fut))
-        for p, key, value, _ in batch.dead:
-            sent.append(await send(DLQ_TOPIC, key, value, p))
-        await self.delivery.batch_sent(sent)
+        # a tombstone first for an erased user (the shop drops the list), then the lists, the
+        # changelog rows (each in its state partition) and the dead letters
+        records = [(RECOMMENDATIONS_TOPIC, key, None, p, None) for p, key in batch.erased]
+        records += [(RECOMMENDATIONS_TOPIC, user.encode(), encode_recommendations(
+                        user, ranked, version, state.last_event_id, state.last_event_ts, now, variant), p, None)
+                    for user, p, state, ranked, version, variant in zip(
+                        batch.users, batch.partitions, batch.states, result.lists, result.versions, result.variants)]
+        records += [(self.changelog_topic, key, value, p, p) for p, key, value in batch.changelog]
+        records += [(DLQ_TOPIC, key, value, p, None) for p, key, value, _ in batch.dead]
+        sent = await self.delivery.send_batches(records)
+        self._durable.extend(s for s in sent if s.topic == self.changelog_topic)
+        await self.delivery.batch_sent([s.future for s in sent])
         self._done_seq = batch.seq
         if self.delivery.batch_durable():
             self._persist(batch.seq)
@@ -296,10 +293,10 @@ class BatchPipeline:
 
     def _persist(self, upto_seq: int) -> None:
         offsets: dict[int, int] = {}
-        for p, fut in self._durable:
-            offset = fut.result().offset
-            if offset > offsets.get(p, -1):
-                offsets[p] = offset
+        for sent in self._durable:
+            offset = sent.last_offset()
+            if offset > offsets.get(sent.partition, -1):
+                offsets[sent.partition] = offset
         self._durable.clear()
         self.table.persist(upto_seq, offsets)
 
