@@ -107,12 +107,12 @@ class _Batching:
     go to the partition ``send`` would have chosen (the producer's default partitioner, Kafka's
     murmur2), in the order given within each partition."""
 
-    async def _producer_for(self, source: int) -> AIOKafkaProducer:
-        raise NotImplementedError
-
     def _owner(self, source: int) -> int:
         """Which producer sends a record of ``source``: 0, the only one, unless transactional."""
         return 0
+
+    async def _producer_for(self, owner: int) -> AIOKafkaProducer:
+        raise NotImplementedError
 
     async def send_batches(self, records: list[Record]) -> list[SentBatch]:
         grouped: dict[tuple[int, str, int], list[tuple[bytes | None, bytes | None]]] = {}
@@ -122,10 +122,9 @@ class _Batching:
             if group is None:
                 group = grouped[where] = []
             group.append((key, value))
-        owners = {self._owner(source): source for _, _, _, source, _ in records}
         sent = []
         for (owner, topic, partition), rows in grouped.items():
-            producer = await self._producer_for(owners[owner])
+            producer = await self._producer_for(owner)
             builder, count = producer.create_batch(), 0
             for key, value in rows:
                 if builder.append(timestamp=None, key=key, value=value) is None:   # full: send it, start another
@@ -147,7 +146,7 @@ class _Batching:
             if partition is None:
                 unset.setdefault(topic, []).append(n)
         for topic, which in unset.items():
-            producer = await self._producer_for(records[which[0]][3])
+            producer = await self._producer_for(self._owner(records[which[0]][3]))
             known = sorted(await producer.partitions_for(topic))
             keyed = [n for n in which if records[n][1] is not None]
             if keyed:
@@ -206,7 +205,7 @@ class AtLeastOnce(_Committing, _Batching):
         for tp in tps:
             self._pending.pop(tp, None)
 
-    async def _producer_for(self, source: int) -> AIOKafkaProducer:
+    async def _producer_for(self, owner: int) -> AIOKafkaProducer:
         return self._producer
 
     async def batch_sent(self, futures: list[asyncio.Future]) -> None:
