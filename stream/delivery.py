@@ -22,6 +22,7 @@ from typing import Iterable
 
 import numpy as np
 from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.partitioner import murmur2
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +63,24 @@ class SentBatch:
 
 
 MURMUR2_SEED, MURMUR2_M = 0x9747B28C, np.uint32(0x5BD1E995)
+# Keys of one length hashed together in numpy from this many on: numpy's passes cost ~14 µs
+# whatever the count, aiokafka's murmur2 ~1.8 µs a key (scratch: 15.0 against 14.1 µs for 8
+# keys, 21.4 against 110.1 for 64).
+MURMUR2_VECTOR_MIN_KEYS = 8
 
 
 def murmur2_many(keys: list[bytes]) -> np.ndarray:
     """Kafka's murmur2 of each key (uint32), as the Java client and aiokafka's default
-    partitioner compute it one key at a time (1.6-2.3 µs each in Python), over the keys of
-    a length at once."""
+    partitioner compute it one key at a time, over the keys of a length at once."""
     out = np.empty(len(keys), np.uint32)
     by_length: dict[int, list[int]] = {}
     for n, key in enumerate(keys):
         by_length.setdefault(len(key), []).append(n)
     for length, which in by_length.items():
+        if len(which) < MURMUR2_VECTOR_MIN_KEYS:
+            for n in which:
+                out[n] = murmur2(keys[n])
+            continue
         data = np.frombuffer(b"".join([keys[n] for n in which]), np.uint8).reshape(len(which), length)
         h = np.full(len(which), MURMUR2_SEED ^ length, np.uint32)
         whole = length // 4
@@ -133,6 +141,7 @@ class _Batching:
                     builder, count = producer.create_batch(), 0
                     builder.append(timestamp=None, key=key, value=value)   # a batch's first record always fits
                 count += 1
+            builder.close()   # complete: no linger, the sender takes it on its next turn
             sent.append(SentBatch(topic, partition, count,
                                   await producer.send_batch(builder, topic, partition=partition)))
         return sent

@@ -40,11 +40,14 @@ def test_transactional_producers_ask_again_soon_after_a_concurrent_transaction(m
 
 def test_murmur2_of_many_keys_is_kafkas_murmur2_of_each():
     """The batch partitioner's hash, over keys of every length 0-40 (each length a separate
-    vector pass, its tail bytes handled apart), equals aiokafka's (the Java client's) murmur2."""
+    vector pass, its tail bytes handled apart; a few keys of a length one at a time), equals
+    aiokafka's (the Java client's) murmur2."""
     rng = random.Random(0)
     keys = [bytes(rng.randrange(256) for _ in range(rng.randrange(41))) for _ in range(3000)]
     keys += [b"", b"u", b"user-1", "usér-ü".encode()]
     assert delivery.murmur2_many(keys).tolist() == [murmur2(key) for key in keys]
+    few = keys[:delivery.MURMUR2_VECTOR_MIN_KEYS - 1] + [b"user-2"] * delivery.MURMUR2_VECTOR_MIN_KEYS
+    assert delivery.murmur2_many(few).tolist() == [murmur2(key) for key in few]
 
 
 async def read_back(bootstrap: str, topic: str, partitions: int, expected: int) -> dict[int, list]:
