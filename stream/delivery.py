@@ -113,7 +113,8 @@ class _Batching:
     partitioner's murmur2 in Python, the accumulator's bookkeeping, a future), a record batch
     per partition ~5 (``benchmarks/publish.py``, the sender's own work included). Keyed records
     go to the partition ``send`` would have chosen (the producer's default partitioner, Kafka's
-    murmur2), in the order given within each partition."""
+    murmur2), in the order given within each partition. A pipeline batch's records are all
+    there at once, so its record batches go closed: none waits ``linger_ms`` for more."""
 
     def _owner(self, source: int) -> int:
         """Which producer sends a record of ``source``: 0, the only one, unless transactional."""
