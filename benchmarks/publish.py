@@ -21,11 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from aiokafka import AIOKafkaProducer
-
 from stream import compat
-from stream.delivery import LINGER_MS, AtLeastOnce
+from stream.delivery import AtLeastOnce
 from stream.events import RECOMMENDATIONS_TOPIC, encode_recommendations
+from streamrec.bench import start_broker
 
 CHANGELOG = "streamrec-user-state-changelog"
 PARTITIONS = 4
@@ -43,7 +42,9 @@ def pipeline_records(lists: int, batch: int) -> list[tuple]:
     return records
 
 
-async def per_record(producer: AIOKafkaProducer, records: list[tuple]) -> None:
+async def per_record(delivery: AtLeastOnce, records: list[tuple]) -> None:
+    """The worker before record batches: a send per record, through the same producer."""
+    producer = delivery._producer
     futures = [await producer.send(topic, value, key=key, partition=partition)
                for topic, key, value, _, partition in records]
     await asyncio.gather(*futures)
@@ -60,15 +61,12 @@ async def run(bootstrap: str, idempotent: bool, lists: int, rounds: int) -> None
     async def commit(offsets):
         return True
 
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=LINGER_MS,
-                                enable_idempotence=idempotent, max_batch_size=1 << 20)
     delivery = AtLeastOnce(bootstrap, commit, idempotent=idempotent, commit_interval_s=1.0)
-    await producer.start()
     await delivery.start()
     timed: dict[str, list[tuple[float, float]]] = {"a send per record": [], "record batches": []}
     try:
         for n in range(rounds + 1):   # the first round warms both up, untimed
-            for name, produce in (("a send per record", lambda r: per_record(producer, r)),
+            for name, produce in (("a send per record", lambda r: per_record(delivery, r)),
                                   ("record batches", lambda r: batched(delivery, r))):
                 records = pipeline_records(lists, 2 * n + (name == "record batches"))
                 cpu, wall = time.thread_time(), time.perf_counter()
@@ -76,7 +74,6 @@ async def run(bootstrap: str, idempotent: bool, lists: int, rounds: int) -> None
                 if n:
                     timed[name].append((time.thread_time() - cpu, time.perf_counter() - wall))
     finally:
-        await producer.stop()
         await delivery.stop()
     for name, runs in timed.items():
         cpu = statistics.median(c for c, _ in runs) / lists * 1e6
@@ -92,20 +89,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="streamrec-publish-") as tmp:
-        if args.broker_kind == "kafka":
-            from stream.kafka import KafkaCluster
-
-            broker = KafkaCluster(data_dir=Path(tmp) / "kafka").start()
-            stop = broker.stop
-        else:
-            from stream.broker import EmbeddedBroker
-
-            broker = EmbeddedBroker(log_path=str(Path(tmp) / "tansu.log")).start()
-            stop = broker.stop
+        broker = start_broker(args.broker_kind, Path(tmp))
         try:
             asyncio.run(run(broker.bootstrap, args.broker_kind == "kafka", args.lists, args.rounds))
         finally:
-            stop()
+            broker.stop()
 
 
 if __name__ == "__main__":

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.partitioner import murmur2
 
 from stream import compat, delivery
+from streamrec.harness import read_topic
 
 
 def test_transactional_producers_ask_again_soon_after_a_concurrent_transaction(monkeypatch):
@@ -50,20 +50,12 @@ def test_murmur2_of_many_keys_is_kafkas_murmur2_of_each():
     assert delivery.murmur2_many(few).tolist() == [murmur2(key) for key in few]
 
 
-async def read_back(bootstrap: str, topic: str, partitions: int, expected: int) -> dict[int, list]:
+async def read_back(bootstrap: str, topic: str) -> dict[int, list]:
     """Every record of ``topic`` by partition, in offset order."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
-    await consumer.start()
-    try:
-        consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
-        out: dict[int, list] = {p: [] for p in range(partitions)}
-        deadline = time.monotonic() + 30
-        while sum(map(len, out.values())) < expected and time.monotonic() < deadline:
-            for tp, records in (await consumer.getmany(timeout_ms=500)).items():
-                out[tp.partition] += records
-        return out
-    finally:
-        await consumer.stop()
+    out: dict[int, list] = {}
+    for record in await read_topic(bootstrap, topic):
+        out.setdefault(record.partition, []).append(record)
+    return out
 
 
 @pytest.mark.integration
@@ -98,7 +90,7 @@ async def test_records_go_in_batches_where_a_send_would_put_them_in_order(broker
     finally:
         await producer.stop()
 
-    got = await read_back(broker.bootstrap, keyed, 3, len(keys) * 3 + 1)
+    got = await read_back(broker.bootstrap, keyed)
     for p, rows in got.items():
         assert all(chosen[r.key] == p for r in rows)
         for key in {r.key for r in rows}:
@@ -106,7 +98,7 @@ async def test_records_go_in_batches_where_a_send_would_put_them_in_order(broker
             expected = [f"{key.decode()}/{n}".encode() for n in range(3)] + ([None] if key == keys[0] else [])
             assert values == expected
     assert sum(map(len, got.values())) == len(keys) * 3 + 1
-    got = await read_back(broker.bootstrap, fixed, 2, 10)
+    got = await read_back(broker.bootstrap, fixed)
     assert {p: [r.value[-1] for r in rows] for p, rows in got.items()} == {0: [0, 2, 4, 6, 8], 1: [1, 3, 5, 7, 9]}
     batches = [s for s in sent if s.topic == fixed]
     assert len(batches) == 4 and sum(s.records for s in batches) == 10   # 3 + 2 records in each partition
