@@ -68,6 +68,12 @@ BECAUSE_HISTORY_MAX = 50
 # Attributes carried by more than this share of the catalogue are categories, not caps.
 DEFAULT_CAP_ATTRIBUTE_MAX_SHARE = 0.02
 NOT_CHOSEN = -1
+# The CPU reranks a batch this many users at a time, so that a part's arrays (the pool's vectors,
+# 51 KB per user in bf16, and their similarities) stay below glibc's 32 MiB mapping threshold
+# and in the caches. A lane's batch of ~1,000 users gathered ~85 MB at once: freshly mapped
+# pages, faulted in and zeroed by the kernel on every call (the clearing of pages was 20% of
+# the worker's CPU in a slow third phase of `bench e2e --workload scale`), and freed again.
+CPU_RERANK_PART_USERS = 256
 # The similarity and "because" products: bf16 halves the bytes gathered where the CPU runs it
 # natively; emulated bf16 (no AVX512-BF16) would be slower than float32.
 PRODUCT_DTYPE = torch.bfloat16 if bf16_is_fast(torch.device("cpu")) else torch.float32
@@ -134,6 +140,7 @@ class Reranker:
     """Filters, boosts and diversifies candidate rows into final per-user lists."""
 
     device = torch.device("cpu")   # where the products' item vectors live (DeviceReranker: its device)
+    part_users: int | None = CPU_RERANK_PART_USERS   # users reranked at once (None: the whole batch)
 
     def __init__(
         self,
@@ -262,6 +269,15 @@ class Reranker:
         if (cand_rows >= len(self._items)).any():
             log.warning("candidate rows beyond the %d known items ignored; call add_items", len(self._items))
         self._refresh_catalogue_arrays()
+        part = self.part_users or len(contexts)
+        lists: list[list[dict]] = []
+        for start in range(0, len(contexts), part):
+            users = slice(start, start + part)
+            lists += self._rerank_part(contexts[users], cand_rows[users], cand_scores[users])
+        return lists
+
+    def _rerank_part(self, contexts: list[UserContext], cand_rows: np.ndarray,
+                     cand_scores: np.ndarray) -> list[list[dict]]:
         history = self.rows_by_user([c.history for c in contexts])
         excluded = self._excluded(contexts, history, cand_rows)
         return self._as_lists(*self._rank(history, cand_rows, cand_scores, excluded))
@@ -427,6 +443,8 @@ class DeviceReranker(Reranker):
     """`Reranker`'s batch arrays in torch on a device (the encoder's GPU): the same steps and
     rules, the same lists (tests compare the two); only the per-user Python work stays on the
     CPU. The candidates come in and the picks go out as numpy arrays."""
+
+    part_users = None   # a GPU takes the whole batch in one pass
 
     def __init__(self, config: RerankConfig, catalogue: Catalogue, item_vectors: np.ndarray, items: list[str],
                  device: str | torch.device):

@@ -201,6 +201,28 @@ def test_batch_of_users_is_independent():
         assert not set(ids(result)) & set(contexts[u].history)
 
 
+def test_a_batch_reranked_in_parts_gets_the_lists_of_one_pass():
+    """The CPU reranks `CPU_RERANK_PART_USERS` users at a time (a GPU the whole batch): parts of
+    3 users give each user of an 8-user batch the list one pass over the batch gives, with
+    diversity, attribute caps, purchases and "because" in play."""
+    assert Reranker.part_users == rerank.CPU_RERANK_PART_USERS and DeviceReranker.part_users is None
+    rng = np.random.default_rng(11)
+    n, batch, width = 80, 8, 30
+    items = [f"i{row}" for row in range(n)]
+    catalogue = Catalogue()
+    for row, item in enumerate(items):
+        catalogue.update({"item_id": item, "attributes": [f"brand-{row % 9}"]})
+    vectors = rng.standard_normal((n, DIM)).astype(np.float32)
+    rows = np.stack([rng.permutation(n)[:width] for _ in range(batch)])
+    scores = np.sort(rng.standard_normal((batch, width)).astype(np.float32), axis=1)[:, ::-1].copy()
+    contexts = [UserContext(history=[items[r] for r in rng.choice(n, 6, replace=False)],
+                            purchased={items[r] for r in rng.choice(n, 3, replace=False)}) for _ in range(batch)]
+    config = RerankConfig(k=8, diversity=2.0, max_per_attribute=2, cap_attribute_max_share=0.2)
+    whole, in_parts = (Reranker(config, catalogue, vectors, items) for _ in range(2))
+    whole.part_users, in_parts.part_users = None, 3
+    assert in_parts.rerank(contexts, rows, scores) == whole.rerank(contexts, rows, scores)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_diversity_and_because_in_either_product_precision(monkeypatch, dtype):
     """bf16 products where the CPU runs them natively, float32 elsewhere: the same lists."""
