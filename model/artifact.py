@@ -111,8 +111,16 @@ def keep_freed_memory() -> bool:
     `benchmarks/lanes.py --repeats 1 --batches 4` (2,048 misses of the scale shop, two runs each):
     378-398k page faults and 0.94 s of system time against 659-685k and 1.37-1.55 s with
     `--glibc-defaults`, peak RSS the same (2.1 GB); its wall time moved less than run-to-run
-    noise. Blocks up to 32 MiB come from the heap; up to 1 GiB freed stays there. Linux with
-    glibc only (elsewhere False, nothing changed); called once by processes that serve.
+    noise. Blocks up to 32 MiB come from the heap; up to 1 GiB freed stays there.
+
+    Every thread allocates from that one heap (one arena): glibc gives each new thread an
+    arena of its own, a chain of 64 MiB heaps that it unmaps as soon as one is empty, so a
+    lane's passes kept mapping fresh pages however the thresholds were set. In a virtual
+    machine a fresh page can cost far more than its zeroing: in `bench e2e --workload scale
+    --rates max,max,max --events 30000` on Kafka the worker spent 17.3% of its CPU time in the
+    kernel during the phases (432k page faults) against 6.2% (187k) with one arena. Call it
+    before the lanes' threads start. Linux with glibc only (elsewhere False, nothing changed);
+    called once by processes that serve.
     """
     import ctypes
     import ctypes.util
@@ -124,8 +132,9 @@ def keep_freed_memory() -> bool:
         mallopt = None
     if mallopt is None:
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
+    return (bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+            and bool(mallopt(m_arena_max, 1)))
 
 
 def new_version(items: list[str]) -> str:

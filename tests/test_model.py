@@ -1,7 +1,9 @@
 """model/: reading logs, the causal encoder, the artifact round trip, a tiny training run."""
 
 import json
+import platform
 import random
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -287,6 +289,47 @@ def test_keep_freed_memory_sets_malloc_where_glibc_is():
     from model.artifact import keep_freed_memory
 
     assert keep_freed_memory() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+
+
+ARENAS_AFTER_THREADS = """
+import ctypes, ctypes.util, re, sys, tempfile, threading
+import numpy as np
+from model.artifact import keep_freed_memory
+if sys.argv[1] == "kept":
+    keep_freed_memory()
+def allocate():
+    held = [np.ones(1 << 18) for _ in range(8)]   # 2 MiB each, from this thread's arena
+    done.wait()
+done = threading.Event()
+threads = [threading.Thread(target=allocate) for _ in range(3)]
+for thread in threads:
+    thread.start()
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.fopen.restype = ctypes.c_void_p
+with tempfile.NamedTemporaryFile(suffix=".xml") as out:
+    stream = libc.fopen(out.name.encode(), b"w")
+    libc.malloc_info(0, ctypes.c_void_p(stream))
+    libc.fclose(ctypes.c_void_p(stream))
+    print(len(re.findall(r"<heap nr=", open(out.name).read())))
+done.set()
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+def test_threads_allocate_from_one_heap_once_freed_memory_is_kept():
+    """Lanes' threads share the main heap (whose freed memory stays mapped) instead of each
+    getting an arena of its own, which glibc unmaps heap by heap as it empties."""
+    import subprocess
+    import sys
+
+    def arenas(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", ARENAS_AFTER_THREADS, mode], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parents[1], timeout=120)
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout.split()[-1])
+
+    assert arenas("kept") == 1
+    assert arenas("defaults") > 1
 
 
 def test_bf16_read_through_numpy_widens_to_torchs_float32_bit_for_bit():
