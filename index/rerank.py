@@ -70,9 +70,10 @@ DEFAULT_CAP_ATTRIBUTE_MAX_SHARE = 0.02
 NOT_CHOSEN = -1
 # The CPU reranks a batch this many users at a time, so that a part's arrays (the pool's vectors,
 # 51 KB per user in bf16, and their similarities) stay below glibc's 32 MiB mapping threshold
-# and in the caches. A lane's batch of ~1,000 users gathered ~85 MB at once: freshly mapped
-# pages, faulted in and zeroed by the kernel on every call (the clearing of pages was 20% of
-# the worker's CPU in a slow third phase of `bench e2e --workload scale`), and freed again.
+# and in the caches. A lane's batch of ~1,000 users gathered ~85 MB at once: pages mapped
+# fresh on every call, faulted in and zeroed by the kernel, and unmapped again (the third
+# phases of `bench e2e --workload scale` on Kafka: 4,781-4,968 against 3,386-4,222 events/s
+# whole, docs/performance.md).
 CPU_RERANK_PART_USERS = 256
 # The similarity and "because" products: bf16 halves the bytes gathered where the CPU runs it
 # natively; emulated bf16 (no AVX512-BF16) would be slower than float32.
