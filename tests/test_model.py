@@ -284,8 +284,6 @@ def test_packed_windows_encode_as_the_left_padded_batch(conv_kernel):
 
 
 def test_keep_freed_memory_sets_malloc_where_glibc_is():
-    import platform
-
     from model.artifact import keep_freed_memory
 
     assert keep_freed_memory() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
