@@ -3,6 +3,8 @@
 import json
 import platform
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import msgpack
@@ -317,9 +319,6 @@ done.set()
 def test_threads_allocate_from_one_heap_once_freed_memory_is_kept():
     """Lanes' threads share the main heap (whose freed memory stays mapped) instead of each
     getting an arena of its own, which glibc unmaps heap by heap as it empties."""
-    import subprocess
-    import sys
-
     def arenas(mode: str) -> int:
         out = subprocess.run([sys.executable, "-c", ARENAS_AFTER_THREADS, mode], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parents[1], timeout=120)

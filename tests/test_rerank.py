@@ -39,6 +39,18 @@ def ids(result: list[dict]) -> list[str]:
     return [entry["item_id"] for entry in result]
 
 
+def random_batch(rng, items: list[str], batch: int, width: int, history: int, purchased: int):
+    """``batch`` users' candidate rows (``width`` distinct each), their scores best first, and
+    contexts with ``history`` and ``purchased`` random items."""
+    n = len(items)
+    rows = np.stack([rng.permutation(n)[:width] for _ in range(batch)])
+    scores = np.sort(rng.standard_normal((batch, width)).astype(np.float32), axis=1)[:, ::-1].copy()
+    contexts = [UserContext(history=[items[r] for r in rng.choice(n, history, replace=False)],
+                            purchased={items[r] for r in rng.choice(n, purchased, replace=False)})
+                for _ in range(batch)]
+    return rows, scores, contexts
+
+
 def test_plain_order_and_output_shape():
     reranker = make_reranker(config=RerankConfig(k=3, diversity=0.0))
     rows, scores = candidates([[4, 2, 7, 1, 0]])
@@ -213,10 +225,7 @@ def test_a_batch_reranked_in_parts_gets_the_lists_of_one_pass():
     for row, item in enumerate(items):
         catalogue.update({"item_id": item, "attributes": [f"brand-{row % 9}"]})
     vectors = rng.standard_normal((n, DIM)).astype(np.float32)
-    rows = np.stack([rng.permutation(n)[:width] for _ in range(batch)])
-    scores = np.sort(rng.standard_normal((batch, width)).astype(np.float32), axis=1)[:, ::-1].copy()
-    contexts = [UserContext(history=[items[r] for r in rng.choice(n, 6, replace=False)],
-                            purchased={items[r] for r in rng.choice(n, 3, replace=False)}) for _ in range(batch)]
+    rows, scores, contexts = random_batch(rng, items, batch, width, history=6, purchased=3)
     config = RerankConfig(k=8, diversity=2.0, max_per_attribute=2, cap_attribute_max_share=0.2)
     whole, in_parts = (Reranker(config, catalogue, vectors, items) for _ in range(2))
     whole.part_users, in_parts.part_users = None, 3
@@ -293,12 +302,9 @@ def test_the_device_reranker_keeps_every_rule_and_makes_the_cpus_lists(monkeypat
     for row, item in enumerate(items):
         catalogue.update({"item_id": item, "in_stock": row % 17 != 0, "attributes": [f"brand-{row % 40}"],
                           "boost": 1.5 if row % 23 == 0 else None})
-    rows = np.stack([rng.permutation(n)[:width] for _ in range(batch)])
+    rows, scores, contexts = random_batch(rng, items, batch, width, history=20, purchased=5)
     rows[:, -5:] = rows[:, :5]      # duplicates
     rows[0, 30:] = -1               # padding
-    scores = np.sort(rng.standard_normal((batch, width)).astype(np.float32), axis=1)[:, ::-1].copy()
-    contexts = [UserContext(history=[items[r] for r in rng.choice(n, 20, replace=False)],
-                            purchased={items[r] for r in rng.choice(n, 5, replace=False)}) for _ in range(batch)]
     for config in (RerankConfig(k=10), RerankConfig(k=10, diversity=0.0),
                    RerankConfig(k=10, max_per_attribute=2, cap_attribute_max_share=0.05, recent_window=5)):
         on_device = DeviceReranker(config, catalogue, vectors, items, device).rerank(contexts, rows, scores)
