@@ -32,6 +32,10 @@ from streamrec.synthetic import ShopSpec, extend_in_time, generate
 
 REBALANCE_SETTLE_S = 8.0
 BROKER_KINDS = ("tansu", "kafka")
+# seconds of traffic through a fresh broker before a run (harness.warm_up_broker): Kafka's JVM
+# compiles its request paths while it serves; Tansu is compiled ahead of time and keeps every
+# record in memory, so it gets none
+BROKER_WARMUP_S = {"kafka": 30.0, "tansu": 0.0}
 
 
 WORKLOADS = ("shop", "scale")
@@ -56,8 +60,12 @@ class E2EOptions:
     lanes: int | None = None         # the worker's --lanes (default: the worker's)
     store: str | None = None         # the worker's --store (default: the worker's)
     worker_cpus: list[int] | None = None   # pin every worker process (and baseline) to these CPUs
+    broker_warmup_s: float | None = None   # None: BROKER_WARMUP_S of the broker kind
     train_epochs: int = 3
     seed: int = 0
+
+    def warmup_seconds(self) -> float:
+        return BROKER_WARMUP_S[self.broker_kind] if self.broker_warmup_s is None else self.broker_warmup_s
 
 
 def shop_events(options: E2EOptions) -> list[dict]:
@@ -193,7 +201,8 @@ def run_e2e(options: E2EOptions) -> dict:
         runs.append(_run_variant(variant, run_model, workload, phases, options, workdir / variant.replace(":", "-")))
     return {"broker": options.broker_kind, "guarantee": options.guarantee, "workers": options.workers,
             "workload": options.workload, "events_per_phase": options.events, "users": workload.users,
-            "worker_cpus": options.worker_cpus, "device": default_device().type, "runs": runs}
+            "worker_cpus": options.worker_cpus,
+            "broker_warmup_s": options.warmup_seconds(), "device": default_device().type, "runs": runs}
 
 
 def _run_variant(variant: str, model: Path, workload, phases: list[list[dict]], options: E2EOptions,
@@ -202,6 +211,10 @@ def _run_variant(variant: str, model: Path, workload, phases: list[list[dict]], 
     launch, cleanup = _launcher(variant, options, workdir)
     broker = start_broker(options.broker_kind, workdir)
     try:
+        warmup_s = options.warmup_seconds()
+        if warmup_s:
+            asyncio.run(harness.warm_up_broker(broker.bootstrap, warmup_s, options.partitions,
+                                               idempotent=options.broker_kind == "kafka"))
         asyncio.run(workload.preload(broker.bootstrap, options.partitions, legacy=variant.startswith("commit:")))
         logs = [workdir / f"worker-{n}.log" for n in range(options.workers)]
         workers = [launch(broker.bootstrap, model, workdir / f"state-{n}", log) for n, log in enumerate(logs)]
@@ -385,6 +398,7 @@ def render(result: dict) -> str:
     lines = [f"broker {result['broker']}, {result['guarantee']}, {result['workers']} worker(s), workload "
              f"{result['workload']}: {result['events_per_phase']:,} events per phase, {result['users']:,} users"
              + (f", worker on CPUs {','.join(map(str, result['worker_cpus']))}" if result.get("worker_cpus") else "")
+             + (f", broker warmed up for {result['broker_warmup_s']:g} s" if result.get("broker_warmup_s") else "")
              + (", encoder on the GPU" if result.get("device") == "cuda" else "")]
     for run in result["runs"]:
         rows = [head] + [tuple(str(p[c]) for c in cols) for p in run["phases"]]

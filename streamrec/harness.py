@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Callable, Collection, Iterable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
-from stream.compat import FETCH_MAX_WAIT_MS, topic_partitions
+from stream.compat import FETCH_MAX_WAIT_MS, ensure_topics, topic_partitions
 from stream.events import RECOMMENDATIONS_TOPIC, decode_recommendations, encode_event
 
 PRODUCE_CHUNK = 2000
@@ -232,3 +233,79 @@ class ListCollector:
                 pass
         if self._consumer:
             await self._consumer.stop()
+
+
+WARMUP_TOPICS = ("streamrec-warmup-events", "streamrec-warmup-lists", "streamrec-warmup-state")
+WARMUP_RATE = 5000.0   # events/s: requests compile the broker's paths, bytes only fill its disk
+
+
+async def warm_up_broker(bootstrap: str, seconds: float, partitions: int = 4, idempotent: bool = True,
+                         rate: float = WARMUP_RATE) -> int:
+    """Relay records through the broker for ``seconds``, on topics of its own, before anything
+    is measured; returns the records relayed.
+
+    A fresh Apache Kafka compiles its request paths while it serves them: on the scale workload
+    its JIT compiler threads took ~0.5 s of CPU in each of the first four phases of 20k events
+    (as much as the rest of the broker), cores that a worker in production, beside a broker that
+    has long done so, keeps. The relay does what a workload does: a producer of events, a
+    consumer group that fetches them, writes a list and a state row for each (``acks=all``,
+    idempotent unless told not to -- Tansu has no idempotent producers -- the state to a
+    compacted topic) and commits, and a reader of the lists, at ``rate`` events/s of small
+    records (at full speed its gigabytes still went to disk in the measured phases). Its topics
+    are deleted after.
+    """
+    events, lists, states = WARMUP_TOPICS
+    await ensure_topics(bootstrap, {events: partitions, lists: partitions, states: partitions},
+                        {states: {"cleanup.policy": "compact"}})
+    feeder = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks=1)
+    writer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all",
+                              enable_idempotence=idempotent, max_batch_size=1 << 20)
+    relay = AIOKafkaConsumer(events, bootstrap_servers=bootstrap, group_id="streamrec-warmup",
+                             enable_auto_commit=False, auto_offset_reset="earliest",
+                             fetch_max_wait_ms=FETCH_MAX_WAIT_MS)
+    reader = AIOKafkaConsumer(lists, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                              enable_auto_commit=False, fetch_max_wait_ms=FETCH_MAX_WAIT_MS)
+    clients = (feeder, writer, relay, reader)
+    for client in clients:
+        await client.start()
+    deadline = time.monotonic() + seconds
+    relayed = 0
+
+    async def feed():
+        event, started, n = bytes(100), time.monotonic(), 0
+        while time.monotonic() < deadline:
+            chunk = max(1, int(rate / 50))
+            await asyncio.gather(*[await feeder.send(events, event, key=b"w%d" % ((n + i) % 10_000))
+                                   for i in range(chunk)])
+            n += chunk
+            await asyncio.sleep(max(0.0, n / rate - (time.monotonic() - started)))
+
+    async def write():
+        nonlocal relayed
+        listed, state = bytes(200), bytes(300)
+        while time.monotonic() < deadline:
+            batches = await relay.getmany(timeout_ms=100)
+            keys = [r.key for records in batches.values() for r in records]
+            sends = [await writer.send(topic, value, key=key) for key in keys
+                     for topic, value in ((lists, listed), (states, state))]
+            await asyncio.gather(*sends)
+            if keys:
+                await relay.commit()
+            relayed += len(keys)
+
+    async def read():
+        while time.monotonic() < deadline:
+            await reader.getmany(timeout_ms=100)
+
+    try:
+        await asyncio.gather(feed(), write(), read())
+    finally:
+        for client in clients:
+            await client.stop()
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            await admin.delete_topics(list(WARMUP_TOPICS))
+        finally:
+            await admin.close()
+    return relayed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import msgpack
@@ -58,6 +59,7 @@ def test_train_rejects_a_width_the_heads_do_not_divide(shop_log, tmp_path):
     (["--workload", "huge"], "--workload must be one of"),
     (["--worker-cpus", "0,x"], "--worker-cpus: a CPU list is numbers and ranges"),
     (["--worker-cpus", "0-100000"], "--worker-cpus: CPUs '0-100000': this machine has CPUs 0-"),
+    (["--broker-warmup", "-1"], "--broker-warmup takes seconds, 0 or more"),
 ])
 def test_bench_e2e_rejects_bad_options_before_starting_anything(args, message):
     result = runner.invoke(app, ["bench", "e2e", *args])
@@ -167,6 +169,25 @@ def test_bench_reports_the_hosts_stolen_cpu_time_per_phase():
     head, row = render(result).splitlines()[2:4]
     assert head.split()[-2:] == ["%", "complete"] and "steal" in head
     assert row.split()[-2:] == ["12.5", "True"]
+
+
+@pytest.mark.integration
+def test_a_broker_warm_up_relays_records_and_takes_its_topics_away(broker):
+    """bench e2e's warm-up (Kafka's by default) goes through the paths a workload does and
+    leaves the broker's topics as it found them; Tansu has no idempotent producers."""
+    from stream.compat import topic_partitions
+    from streamrec.bench import E2EOptions
+    from streamrec.harness import WARMUP_TOPICS, warm_up_broker
+
+    assert E2EOptions(broker_kind="kafka").warmup_seconds() > 0 == E2EOptions(broker_kind="tansu").warmup_seconds()
+    assert E2EOptions(broker_kind="kafka", broker_warmup_s=0).warmup_seconds() == 0
+    before = set(asyncio.run(topic_partitions(broker.bootstrap)))
+    relayed = asyncio.run(warm_up_broker(broker.bootstrap, 3.0, partitions=2, idempotent=broker.kind == "kafka",
+                                         rate=2000))
+    assert relayed > 1000
+    after = set(asyncio.run(topic_partitions(broker.bootstrap)))
+    assert not after & set(WARMUP_TOPICS)
+    assert after - before <= {"__consumer_offsets"}   # Kafka's, made for the relay's group
 
 
 @pytest.mark.parametrize("legacy", [False, True])
