@@ -23,6 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -291,19 +292,32 @@ def _train(log, workdir: Path, config, positions: str = "rope") -> Path:
     return out
 
 
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """(event-loop thread, whole process) CPU seconds of a worker, from /proc (Linux); the
-    event loop is the process's main thread."""
+class ProcessCpu(NamedTuple):
+    loop_s: float     # the event loop's thread (the main one), user + system
+    total_s: float    # every thread, user + system
+    kernel_s: float   # every thread, system
+    faults: int       # minor page faults, every thread
+
+
+def cpu_seconds(pid: int) -> ProcessCpu:
+    """A worker's CPU seconds and page faults so far, from /proc (Linux; nan elsewhere).
+
+    The kernel's share shows what the process's code does not: in a virtual machine whose host
+    takes freed memory back (virtio-balloon free page reporting), the first touch of a page
+    cost the worker 17-40 µs of system time instead of ~1.4 after another process had freed GBs,
+    and a phase that mapped fresh memory ran at half speed for it.
+    """
     tick = os.sysconf("SC_CLK_TCK")
 
-    def read(path: str) -> float:
-        fields = Path(path).read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / tick   # utime + stime
+    def read(path: str) -> list[int]:
+        return [int(f) for f in Path(path).read_text().rsplit(")", 1)[1].split()[7:13]]
 
     try:
-        return read(f"/proc/{pid}/task/{pid}/stat"), read(f"/proc/{pid}/stat")
+        loop, every = read(f"/proc/{pid}/task/{pid}/stat"), read(f"/proc/{pid}/stat")
     except (OSError, IndexError, ValueError):
-        return float("nan"), float("nan")
+        return ProcessCpu(float("nan"), float("nan"), float("nan"), 0)
+    # the fields after the name, from the 8th: minflt, cminflt, majflt, cmajflt, utime, stime
+    return ProcessCpu((loop[4] + loop[5]) / tick, (every[4] + every[5]) / tick, every[5] / tick, every[0])
 
 
 def host_cpu_ticks(stat: str | None = None) -> tuple[int, int]:
@@ -340,10 +354,11 @@ async def _drive(bootstrap: str, phases: list[list[dict]], options: E2EOptions, 
             result = await _phase(bootstrap, events, rate, collector)
             after, host_after = [cpu_seconds(pid) for pid in pids], host_cpu_ticks()
             result["host_steal_percent"] = round(steal_percent(host_before, host_after), 1)
-            loop_s = sum(a[0] - b[0] for a, b in zip(after, before))
-            total_s = sum(a[1] - b[1] for a, b in zip(after, before))
+            loop_s, total_s, kernel_s, faults = (sum(a[f] - b[f] for a, b in zip(after, before)) for f in range(4))
             result["loop_cpu_us_per_event"] = round(loop_s / len(events) * 1e6, 1)
             result["worker_cpu_us_per_event"] = round(total_s / len(events) * 1e6, 1)
+            result["worker_kernel_percent"] = round(100 * kernel_s / total_s, 1) if total_s > 0 else float("nan")
+            result["worker_page_faults_per_event"] = round(faults / len(events), 1)
             results.append(result)
         return results
     finally:
@@ -392,16 +407,17 @@ def render(result: dict) -> str:
     """Each run's phases as an aligned table, its stage seconds, and the throughput ratios."""
     cols = ("offered_rate", "throughput_events_per_s", "latency_p50_ms", "latency_p99_ms", "latency_max_ms",
             "visible_p50_ms", "visible_p99_ms", "seconds_until_all_lists_current", "lists",
-            "loop_cpu_us_per_event", "worker_cpu_us_per_event", "host_steal_percent", "complete")
+            "loop_cpu_us_per_event", "worker_cpu_us_per_event", "worker_kernel_percent",
+            "worker_page_faults_per_event", "host_steal_percent", "complete")
     head = ("offered/s", "events/s", "p50 ms", "p99 ms", "max ms", "seen p50", "seen p99", "s to current",
-            "lists", "loop us/ev", "cpu us/ev", "steal %", "complete")
+            "lists", "loop us/ev", "cpu us/ev", "kernel %", "faults/ev", "steal %", "complete")
     lines = [f"broker {result['broker']}, {result['guarantee']}, {result['workers']} worker(s), workload "
              f"{result['workload']}: {result['events_per_phase']:,} events per phase, {result['users']:,} users"
              + (f", worker on CPUs {','.join(map(str, result['worker_cpus']))}" if result.get("worker_cpus") else "")
              + (f", broker warmed up for {result['broker_warmup_s']:g} s" if result.get("broker_warmup_s") else "")
              + (", encoder on the GPU" if result.get("device") == "cuda" else "")]
     for run in result["runs"]:
-        rows = [head] + [tuple(str(p[c]) for c in cols) for p in run["phases"]]
+        rows = [head] + [tuple(str(p.get(c, "-")) for c in cols) for p in run["phases"]]   # "-": an older result
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         lines.append(f"-- {run['variant']} (model {run['model']}); peak RSS MiB {run['peak_rss_mb']}"
                      + (f"; state {run['state_bytes_per_user']} bytes/user" if run.get("state_bytes_per_user") else ""))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 
 import msgpack
 import pytest
@@ -160,15 +161,33 @@ def test_bench_reports_the_hosts_stolen_cpu_time_per_phase():
     phase = {"offered_rate": 500.0, "throughput_events_per_s": 499.9, "latency_p50_ms": 16.0, "latency_p99_ms": 33.1,
              "latency_max_ms": 63.3, "visible_p50_ms": 21.6, "visible_p99_ms": 40.6,
              "seconds_until_all_lists_current": 40.01, "lists": 6309, "loop_cpu_us_per_event": 250.5,
-             "worker_cpu_us_per_event": 1045.5, "host_steal_percent": 12.5, "complete": True,
+             "worker_cpu_us_per_event": 1045.5, "worker_kernel_percent": 17.3, "worker_page_faults_per_event": 6.3,
+             "host_steal_percent": 12.5, "complete": True,
              "latency_p99_ms_by_second": [30.0, 33.1]}
     result = {"broker": "kafka", "guarantee": "at_least_once", "workers": 1, "workload": "shop",
               "events_per_phase": 20000, "users": 1502,
               "runs": [{"variant": "worker", "model": "m", "peak_rss_mb": [1.0], "phases": [phase],
                         "worker_stage_seconds": []}]}
     head, row = render(result).splitlines()[2:4]
-    assert head.split()[-2:] == ["%", "complete"] and "steal" in head
-    assert row.split()[-2:] == ["12.5", "True"]
+    assert head.split()[-2:] == ["%", "complete"] and "cpu us/ev  kernel %  faults/ev  steal %" in head
+    assert row.split()[-5:] == ["1045.5", "17.3", "6.3", "12.5", "True"]
+
+
+def test_bench_counts_a_workers_kernel_time_and_page_faults():
+    """The kernel's share and the page faults per event beside each phase's CPU: in a virtual
+    machine that hands freed memory back to its host, fresh pages cost a phase its speed."""
+    import numpy as np
+
+    from streamrec.bench import cpu_seconds
+
+    before = cpu_seconds(os.getpid())
+    touched = np.ones(64 << 20, dtype=np.uint8)   # 64 MiB of fresh pages
+    after = cpu_seconds(os.getpid())
+    assert after.faults - before.faults >= (64 << 20) // (2 << 20)   # at least one per (huge) page
+    assert 0 <= after.kernel_s <= after.total_s and after.loop_s <= after.total_s
+    assert touched.sum() == 64 << 20
+    missing = cpu_seconds(2 ** 22 + 7)   # no such process
+    assert missing.faults == 0 and all(v != v for v in missing[:3])
 
 
 @pytest.mark.integration
