@@ -265,20 +265,17 @@ async def warm_up_broker(bootstrap: str, seconds: float, partitions: int = 4, id
                              fetch_max_wait_ms=FETCH_MAX_WAIT_MS)
     reader = AIOKafkaConsumer(lists, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
                               enable_auto_commit=False, fetch_max_wait_ms=FETCH_MAX_WAIT_MS)
-    clients = (feeder, writer, relay, reader)
-    for client in clients:
-        await client.start()
-    deadline = time.monotonic() + seconds
-    relayed = 0
+    started: list = []
+    deadline, relayed = 0.0, 0
 
     async def feed():
-        event, started, n = bytes(100), time.monotonic(), 0
+        event, began, n = bytes(100), time.monotonic(), 0
         while time.monotonic() < deadline:
             chunk = max(1, int(rate / 50))
             await asyncio.gather(*[await feeder.send(events, event, key=b"w%d" % ((n + i) % 10_000))
                                    for i in range(chunk)])
             n += chunk
-            await asyncio.sleep(max(0.0, n / rate - (time.monotonic() - started)))
+            await asyncio.sleep(max(0.0, n / rate - (time.monotonic() - began)))
 
     async def write():
         nonlocal relayed
@@ -298,9 +295,13 @@ async def warm_up_broker(bootstrap: str, seconds: float, partitions: int = 4, id
             await reader.getmany(timeout_ms=100)
 
     try:
+        for client in (feeder, writer, relay, reader):
+            await client.start()
+            started.append(client)
+        deadline = time.monotonic() + seconds
         await asyncio.gather(feed(), write(), read())
-    finally:
-        for client in clients:
+    finally:   # whatever failed, the clients that started stop and the topics go
+        for client in started:
             await client.stop()
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
         await admin.start()
