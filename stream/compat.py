@@ -72,12 +72,14 @@ class BrokerProfile:
     fetch_max_wait_ms: int | None = None                 # cap on Faust's parked fetch; None: Faust's
     exact_list_offsets: bool = True                      # ListOffsets(latest) is the high watermark
     read_committed: bool = True                          # Faust's consumer skips aborted transactions
+    idempotent_producers: bool = True                    # InitProducerId answered (Tansu: refused)
 
 
 PROFILES = {
     TANSU: BrokerProfile(TANSU, dict(broker_session_timeout=6.0, broker_heartbeat_interval=1.0,
                                      broker_rebalance_timeout=6.0),
-                         fetch_max_wait_ms=FETCH_MAX_WAIT_MS, exact_list_offsets=False, read_committed=False),
+                         fetch_max_wait_ms=FETCH_MAX_WAIT_MS, exact_list_offsets=False, read_committed=False,
+                         idempotent_producers=False),
     KAFKA: BrokerProfile(KAFKA, dict(broker_session_timeout=10.0, broker_heartbeat_interval=3.0)),
 }
 

@@ -162,7 +162,7 @@ def create_app(settings: WorkerSettings, recommender, profile: compat.BrokerProf
 
             return await app.consumer._commit({TP(tp.topic, tp.partition): o for tp, o in offsets.items()})
 
-        delivery = AtLeastOnce(settings.broker, commit_offsets, idempotent=profile.kind == compat.KAFKA,
+        delivery = AtLeastOnce(settings.broker, commit_offsets, idempotent=profile.idempotent_producers,
                                commit_interval_s=settings.commit_interval_s)
     catalogue_updates: list = []   # applied by the recommend thread between batches
     pipeline = BatchPipeline(recommender=recommender, table=StateTable(table), delivery=delivery, intake=intake,

@@ -214,8 +214,7 @@ def _run_variant(variant: str, model: Path, workload, phases: list[list[dict]], 
     try:
         warmup_s = options.warmup_seconds()
         if warmup_s:
-            asyncio.run(harness.warm_up_broker(broker.bootstrap, warmup_s, options.partitions,
-                                               idempotent=options.broker_kind == "kafka"))
+            asyncio.run(harness.warm_up_broker(broker.bootstrap, warmup_s, options.partitions))
         asyncio.run(workload.preload(broker.bootstrap, options.partitions, legacy=variant.startswith("commit:")))
         logs = [workdir / f"worker-{n}.log" for n in range(options.workers)]
         workers = [launch(broker.bootstrap, model, workdir / f"state-{n}", log) for n, log in enumerate(logs)]

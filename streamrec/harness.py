@@ -7,6 +7,7 @@ exercise the same path: a separate worker process, a real broker, plain aiokafka
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from typing import Callable, Collection, Iterable
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from stream.compat import FETCH_MAX_WAIT_MS, ensure_topics, topic_partitions
+from stream.compat import FETCH_MAX_WAIT_MS, broker_profile, ensure_topics, topic_partitions
 from stream.events import RECOMMENDATIONS_TOPIC, decode_recommendations, encode_event
 
 PRODUCE_CHUNK = 2000
@@ -239,8 +240,7 @@ WARMUP_TOPICS = ("streamrec-warmup-events", "streamrec-warmup-lists", "streamrec
 WARMUP_RATE = 5000.0   # events/s: requests compile the broker's paths, bytes only fill its disk
 
 
-async def warm_up_broker(bootstrap: str, seconds: float, partitions: int = 4, idempotent: bool = True,
-                         rate: float = WARMUP_RATE) -> int:
+async def warm_up_broker(bootstrap: str, seconds: float, partitions: int = 4, rate: float = WARMUP_RATE) -> int:
     """Relay records through the broker for ``seconds``, on topics of its own, before anything
     is measured; returns the records relayed.
 
@@ -249,17 +249,16 @@ async def warm_up_broker(bootstrap: str, seconds: float, partitions: int = 4, id
     (as much as the rest of the broker), cores that a worker in production, beside a broker that
     has long done so, keeps. The relay does what a workload does: a producer of events, a
     consumer group that fetches them, writes a list and a state row for each (``acks=all``,
-    idempotent unless told not to -- Tansu has no idempotent producers -- the state to a
-    compacted topic) and commits, and a reader of the lists, at ``rate`` events/s of small
-    records (at full speed its gigabytes still went to disk in the measured phases). Its topics
-    are deleted after.
+    idempotent where the broker has idempotent producers, the state to a compacted topic) and
+    commits, and a reader of the lists, at ``rate`` events/s of small records (at full speed
+    its gigabytes still went to disk in the measured phases). Its topics are deleted after.
     """
     events, lists, states = WARMUP_TOPICS
     await ensure_topics(bootstrap, {events: partitions, lists: partitions, states: partitions},
                         {states: {"cleanup.policy": "compact"}})
-    feeder = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks=1)
+    profile = await broker_profile(bootstrap)
     writer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all",
-                              enable_idempotence=idempotent, max_batch_size=1 << 20)
+                              enable_idempotence=profile.idempotent_producers, max_batch_size=1 << 20)
     relay = AIOKafkaConsumer(events, bootstrap_servers=bootstrap, group_id="streamrec-warmup",
                              enable_auto_commit=False, auto_offset_reset="earliest",
                              fetch_max_wait_ms=FETCH_MAX_WAIT_MS)
@@ -268,14 +267,12 @@ async def warm_up_broker(bootstrap: str, seconds: float, partitions: int = 4, id
     started: list = []
     deadline, relayed = 0.0, 0
 
-    async def feed():
-        event, began, n = bytes(100), time.monotonic(), 0
-        while time.monotonic() < deadline:
-            chunk = max(1, int(rate / 50))
-            await asyncio.gather(*[await feeder.send(events, event, key=b"w%d" % ((n + i) % 10_000))
-                                   for i in range(chunk)])
-            n += chunk
-            await asyncio.sleep(max(0.0, n / rate - (time.monotonic() - began)))
+    def fed():   # paced by ``produce``, until the deadline
+        event = bytes(100)
+        for n in itertools.count():
+            if time.monotonic() >= deadline:
+                return
+            yield b"w%d" % (n % 10_000), event
 
     async def write():
         nonlocal relayed
@@ -295,11 +292,11 @@ async def warm_up_broker(bootstrap: str, seconds: float, partitions: int = 4, id
             await reader.getmany(timeout_ms=100)
 
     try:
-        for client in (feeder, writer, relay, reader):
+        for client in (writer, relay, reader):
             await client.start()
             started.append(client)
         deadline = time.monotonic() + seconds
-        await asyncio.gather(feed(), write(), read())
+        await asyncio.gather(produce(bootstrap, events, fed(), rate=rate), write(), read())
     finally:   # whatever failed, the clients that started stop and the topics go
         for client in started:
             await client.stop()

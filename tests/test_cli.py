@@ -204,8 +204,7 @@ def test_a_broker_warm_up_relays_records_and_takes_its_topics_away(broker):
     assert E2EOptions(broker_kind="kafka").warmup_seconds() > 0 == E2EOptions(broker_kind="tansu").warmup_seconds()
     assert E2EOptions(broker_kind="kafka", broker_warmup_s=0).warmup_seconds() == 0
     before = set(asyncio.run(topic_partitions(broker.bootstrap)))
-    relayed = asyncio.run(warm_up_broker(broker.bootstrap, 3.0, partitions=2, idempotent=broker.kind == "kafka",
-                                         rate=2000))
+    relayed = asyncio.run(warm_up_broker(broker.bootstrap, 3.0, partitions=2, rate=2000))
     assert relayed > 1000
     after = set(asyncio.run(topic_partitions(broker.bootstrap)))
     assert not after & set(WARMUP_TOPICS)
