@@ -130,6 +130,16 @@ def rotation_matrices(rotation: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     return matrices.to(dtype)
 
 
+def linear_outputs(layer: nn.Module, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Outputs ``lo:hi`` of the linear ``layer`` for x, without computing the others: through
+    the layer's own part where it keeps parts of itself (serving's ``FusedLinear.part``), else
+    through slices of its weights."""
+    part = getattr(layer, "part", None)
+    if part is not None:
+        return part(lo, hi)(x)
+    return F.linear(x, layer.weight[lo:hi], None if layer.bias is None else layer.bias[lo:hi])
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -143,6 +153,15 @@ class CausalSelfAttention(nn.Module):
         B, L, D = x.shape
         return self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads)
 
+    def project_last(self, x):
+        """x [B, L, D] -> the newest position's queries [B, 1, H, head_dim] and every position's
+        keys and values [B, L, 2, H, head_dim]. A last-only pass needs no other query: a third
+        of the projection over the window is skipped."""
+        B, L, D = x.shape
+        hd = D // self.n_heads
+        q = linear_outputs(self.qkv, x[:, -1:], 0, D).view(B, 1, self.n_heads, hd)
+        return q, linear_outputs(self.qkv, x, D, 3 * D).view(B, L, 2, self.n_heads, hd)
+
     def heads(self, x):
         """x [B, L, D] -> q, k, v [B, H, L, head_dim], keys not yet rotated."""
         return [t.transpose(1, 2) for t in self.project(x).unbind(2)]
@@ -153,18 +172,21 @@ class CausalSelfAttention(nn.Module):
         collects the keys (rotated by their positions) and values, which an incremental encoder
         caches; ``last_only``: the last position's output alone (keys and values still come from
         every position)."""
-        qkv = self.project(x)
         causal = mask is None and not last_only   # None: every position known, only the future hidden
         if last_only:   # the newest query alone
-            q, k = qkv[:, -1:, 0], qkv[:, :, 1]
+            q, kv = self.project_last(x)
+            k, v = kv.unbind(2)
             if rotation is not None:
                 q, k = rotate(q, rotation[:, -1:, None]), rotate_positions(k, rotation)
             mask = None if mask is None else mask[..., -1:, :]
-        elif rotation is not None:   # queries and keys rotated together: one pass over their rows
-            q, k = rotate_positions(qkv[:, :, :2], rotation).unbind(2)
         else:
-            q, k = qkv[:, :, 0], qkv[:, :, 1]
-        q, k, v = (t.transpose(1, 2) for t in (q, k, qkv[:, :, 2]))   # [B, H, L, head_dim]
+            qkv = self.project(x)
+            v = qkv[:, :, 2]
+            if rotation is not None:   # queries and keys rotated together: one pass over their rows
+                q, k = rotate_positions(qkv[:, :, :2], rotation).unbind(2)
+            else:
+                q, k = qkv[:, :, 0], qkv[:, :, 1]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))   # [B, H, L, head_dim]
         if kv_out is not None:
             kv_out.append((k, v))
         y = F.scaled_dot_product_attention(

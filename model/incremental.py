@@ -120,6 +120,10 @@ def with_bf16_linears(encoder: SequenceEncoder, fuse: bool = True) -> SequenceEn
             attn, mlp = block.attn, block.mlp
             attn.qkv, attn.proj, mlp.out = FusedLinear(attn.qkv), FusedLinear(attn.proj), FusedLinear(mlp.out)
             mlp.fc, mlp.act = FusedLinear(mlp.fc, gelu=True), torch.nn.Identity()
+        # the last block's last-only passes project the newest query apart from every position's
+        # keys and values (``CausalSelfAttention.project_last``): its parts packed now, at load
+        last, dim = serving.blocks[-1].attn.qkv, encoder.cfg.dim
+        last.part(0, dim), last.part(dim, 3 * dim)
     return serving
 
 
@@ -153,6 +157,20 @@ class FusedLinear(torch.nn.Module):
         self.weight, self.bias = linear.weight, linear.bias
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), self.PACK_ROWS)
         self.attr, self.algorithm = ("gelu", "none") if gelu else ("none", "")
+        self.parts: dict[tuple[int, int], FusedLinear] = {}
+
+    def part(self, lo: int, hi: int) -> "FusedLinear":
+        """This layer's outputs ``lo:hi`` as a layer of their own (``model.encoder.linear_outputs``),
+        packed the first time it is asked for and kept."""
+        if (lo, hi) not in self.parts:
+            layer = torch.nn.Linear(self.weight.shape[1], hi - lo, bias=self.bias is not None,
+                                    dtype=self.weight.dtype, device=self.weight.device)
+            with torch.no_grad():
+                layer.weight.copy_(self.weight[lo:hi])
+                if self.bias is not None:
+                    layer.bias.copy_(self.bias[lo:hi])
+            self.parts[(lo, hi)] = FusedLinear(layer, gelu=self.attr == "gelu")
+        return self.parts[(lo, hi)]
 
     def forward(self, x):
         x = x.to(self.weight.dtype)
@@ -173,9 +191,10 @@ class FusedLinear(torch.nn.Module):
         than the next (50-112 rows, 1 thread, scratch): in a shop's first 5,000 events/s a few
         of its batches paid that."""
         shapes = {}
-        for layer in module.modules():
-            if isinstance(layer, FusedLinear):
-                shapes.setdefault((tuple(layer.weight.shape), layer.attr), layer)
+        for fused in module.modules():
+            if isinstance(fused, FusedLinear):
+                for layer in (fused, *fused.parts.values()):
+                    shapes.setdefault((tuple(layer.weight.shape), layer.attr), layer)
         sizes = sorted({bucket_rows(rows) for rows in range(1, max_rows + 1)})
         with torch.inference_mode():
             for rows in sizes:

@@ -310,8 +310,11 @@ def test_serving_builds_the_linear_kernels_of_each_shape_and_row_count_at_load(m
     monkeypatch.setattr(FusedLinear, "forward", lambda self, x: called.append((self, x.shape)) or forward(self, x))
     built = FusedLinear.build_kernels(serving.blocks, 100)
     sizes = {bucket_rows(m) for m in range(1, 101)}
-    assert len(serving.blocks) == 2 and built == 4 * len(sizes) == len(called)   # qkv, proj, fc + GELU, out
-    assert {layer for layer, _ in called} <= set(serving.blocks[0].modules())
+    # qkv, proj, fc + GELU, out, and the last block's keys and values apart (its query's part is
+    # proj's shape)
+    assert len(serving.blocks) == 2 and built == 5 * len(sizes) == len(called)
+    parts = serving.blocks[-1].attn.qkv.parts.values()
+    assert {layer for layer, _ in called} <= set(serving.blocks[0].modules()) | set(parts)
     assert {shape[0] for _, shape in called} == sizes
     called.clear()
     monkeypatch.setattr("model.artifact.bf16_is_fast", lambda device: True)   # serving in bf16 on any CPU
@@ -575,3 +578,35 @@ def test_fused_linear_is_the_linear_layer_and_its_gelu():
                                        torch.nn.functional.gelu(expected), atol=2e-2, rtol=1e-2)
         assert FusedLinear(linear)(x.float()).dtype == torch.bfloat16   # float32 rows are cast first
     assert not FusedLinear.available(linear.weight.float())
+
+
+def test_a_fused_layers_part_gives_its_outputs_alone_and_serving_projects_the_last_query_apart():
+    """``FusedLinear.part(lo, hi)``: the layer's outputs lo:hi, packed once and kept. The serving
+    encoder's last block projects a last-only pass's newest query apart from every position's
+    keys and values, and gives the full pass's last position and keys."""
+    from model.incremental import FusedLinear, with_bf16_linears
+
+    torch.manual_seed(5)
+    linear = torch.nn.Linear(32, 96).to(torch.bfloat16)
+    if not FusedLinear.available(linear.weight):
+        pytest.skip("oneDNN's fused linear is not available on this CPU build")
+    fused = FusedLinear(linear)
+    x = torch.randn(4, 9, 32).to(torch.bfloat16)
+    with torch.inference_mode():
+        whole = fused(x)
+        for lo, hi in [(0, 32), (32, 96)]:
+            assert fused.part(lo, hi) is fused.part(lo, hi)
+            torch.testing.assert_close(fused.part(lo, hi)(x), whole[..., lo:hi])
+    enc, _ = make_encoder()
+    serving = with_bf16_linears(enc)
+    dim = enc.cfg.dim
+    assert set(serving.blocks[-1].attn.qkv.parts) == {(0, dim), (dim, 3 * dim)}   # packed at load
+    items = torch.tensor([[0, 0, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 9]])
+    kv_all, kv_last = [], []
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = serving(items, kv_out=kv_all)
+        last = serving(items, kv_out=kv_last, last_only=True)
+    torch.testing.assert_close(last[:, 0].float(), full[:, -1].float(), atol=2e-2, rtol=2e-2)
+    for (k, v), (k2, v2) in zip(kv_all, kv_last):
+        torch.testing.assert_close(k2.float(), k.float(), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(v2.float(), v.float(), atol=2e-2, rtol=2e-2)
