@@ -521,8 +521,8 @@ def encode_packed(encoder: "SequenceEncoder", items, types, gaps, packing: Packi
     final = len(encoder.blocks) - 1
     for n, block in enumerate(encoder.blocks):
         attn = block.attn
-        qkv = attn.project(x)                                                      # [R, W, 3, H, hd]
         if n < final:
+            qkv = attn.project(x)                                                  # [R, W, 3, H, hd]
             q, k = rotate_positions(qkv[:, :, :2], rotation).unbind(2)
             q, k, v = (t.transpose(1, 2) for t in (q, k, qkv[:, :, 2]))          # [R, H, W, hd]
             if kv_out is not None:
@@ -530,12 +530,17 @@ def encode_packed(encoder: "SequenceEncoder", items, types, gaps, packing: Packi
             x = block.residual(x, attn.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
             continue
         # the newest places alone go on: each row's users' newest queries over that row's keys
-        k = rotate_positions(qkv[:, :, 1], rotation).transpose(1, 2)
-        v = qkv[:, :, 2].transpose(1, 2)
+        # (projected apart, as in ``CausalSelfAttention.project_last``)
+        R, W, D = x.shape
+        hd = D // attn.n_heads
+        kv = linear_outputs(attn.qkv, x, D, 3 * D).view(R, W, 2, attn.n_heads, hd)
+        k = rotate_positions(kv[:, :, 0], rotation).transpose(1, 2)
+        v = kv[:, :, 1].transpose(1, 2)
         if kv_out is not None:
             kv_out.append((k, v))
         queries = int(packing.rank.max(initial=0)) + 1
-        q = rotate(qkv[rows, at, 0], rotation[:, at, None])                          # [B, H, hd]
+        q = linear_outputs(attn.qkv, x[rows, at], 0, D).view(len(rows), attn.n_heads, hd)
+        q = rotate(q, rotation[:, at, None])                                         # [B, H, hd]
         laid = q.new_zeros(k.shape[0], queries, *q.shape[1:])
         laid[rows, rank] = q
         sees = torch.ones(k.shape[0], 1, queries, k.shape[2], dtype=torch.bool, device=device)
