@@ -596,7 +596,8 @@ def test_a_fused_layers_part_gives_its_outputs_alone_and_serving_projects_the_la
         whole = fused(x)
         for lo, hi in [(0, 32), (32, 96)]:
             assert fused.part(lo, hi) is fused.part(lo, hi)
-            torch.testing.assert_close(fused.part(lo, hi)(x), whole[..., lo:hi])
+            # the same products; another kernel (its own output width) may round a sum apart
+            torch.testing.assert_close(fused.part(lo, hi)(x).float(), whole[..., lo:hi].float(), atol=1e-2, rtol=1e-2)
     enc, _ = make_encoder()
     serving = with_bf16_linears(enc)
     dim = enc.cfg.dim
