@@ -153,14 +153,26 @@ class CausalSelfAttention(nn.Module):
         B, L, D = x.shape
         return self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads)
 
+    def projection_parts(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The ``qkv`` outputs of the queries, and of the keys with the values."""
+        dim = self.qkv.weight.shape[1]
+        return (0, dim), (dim, 3 * dim)
+
+    def queries(self, x):
+        """x [..., D] -> queries [..., H, head_dim] alone (``projection_parts``)."""
+        out = linear_outputs(self.qkv, x, *self.projection_parts()[0])
+        return out.view(*x.shape[:-1], self.n_heads, -1)
+
+    def keys_values(self, x):
+        """x [..., D] -> keys and values [..., 2, H, head_dim] without the queries."""
+        out = linear_outputs(self.qkv, x, *self.projection_parts()[1])
+        return out.view(*x.shape[:-1], 2, self.n_heads, -1)
+
     def project_last(self, x):
         """x [B, L, D] -> the newest position's queries [B, 1, H, head_dim] and every position's
         keys and values [B, L, 2, H, head_dim]. A last-only pass needs no other query: a third
         of the projection over the window is skipped."""
-        B, L, D = x.shape
-        hd = D // self.n_heads
-        q = linear_outputs(self.qkv, x[:, -1:], 0, D).view(B, 1, self.n_heads, hd)
-        return q, linear_outputs(self.qkv, x, D, 3 * D).view(B, L, 2, self.n_heads, hd)
+        return self.queries(x[:, -1:]), self.keys_values(x)
 
     def heads(self, x):
         """x [B, L, D] -> q, k, v [B, H, L, head_dim], keys not yet rotated."""
@@ -531,16 +543,13 @@ def encode_packed(encoder: "SequenceEncoder", items, types, gaps, packing: Packi
             continue
         # the newest places alone go on: each row's users' newest queries over that row's keys
         # (projected apart, as in ``CausalSelfAttention.project_last``)
-        R, W, D = x.shape
-        hd = D // attn.n_heads
-        kv = linear_outputs(attn.qkv, x, D, 3 * D).view(R, W, 2, attn.n_heads, hd)
+        kv = attn.keys_values(x)                                                   # [R, W, 2, H, hd]
         k = rotate_positions(kv[:, :, 0], rotation).transpose(1, 2)
         v = kv[:, :, 1].transpose(1, 2)
         if kv_out is not None:
             kv_out.append((k, v))
         queries = int(packing.rank.max(initial=0)) + 1
-        q = linear_outputs(attn.qkv, x[rows, at], 0, D).view(len(rows), attn.n_heads, hd)
-        q = rotate(q, rotation[:, at, None])                                         # [B, H, hd]
+        q = rotate(attn.queries(x[rows, at]), rotation[:, at, None])                 # [B, H, hd]
         laid = q.new_zeros(k.shape[0], queries, *q.shape[1:])
         laid[rows, rank] = q
         sees = torch.ones(k.shape[0], 1, queries, k.shape[2], dtype=torch.bool, device=device)

@@ -122,8 +122,9 @@ def with_bf16_linears(encoder: SequenceEncoder, fuse: bool = True) -> SequenceEn
             mlp.fc, mlp.act = FusedLinear(mlp.fc, gelu=True), torch.nn.Identity()
         # the last block's last-only passes project the newest query apart from every position's
         # keys and values (``CausalSelfAttention.project_last``): its parts packed now, at load
-        last, dim = serving.blocks[-1].attn.qkv, encoder.cfg.dim
-        last.part(0, dim), last.part(dim, 3 * dim)
+        last = serving.blocks[-1].attn
+        for lo, hi in last.projection_parts():
+            last.qkv.part(lo, hi)
     return serving
 
 
