@@ -8,6 +8,7 @@ event: histograms of per-event values are filled from a whole array at once.
     await m.start(port, bootstrap)          # HTTP /metrics on 127.0.0.1 + lag refresher
     m.observe_batch(len(events))            # batch size histogram, events processed counter
     m.observe_batch_wait(seconds)           # how long its oldest records waited to be batched
+    m.add_recommend_busy(seconds)           # wall time the recommend thread spent on batches
     with m.stage("encode"): ...             # per-stage latency
     m.observe_event_latency(now - event_ts) # event ts -> list produced, an array per batch
     m.count_published(n); m.count_dlq("missing ts")
@@ -66,6 +67,9 @@ class WorkerMetrics:
         self.batch_wait = Histogram("streamrec_batch_wait_seconds", "How long a batch's oldest records waited "
                                     "in the worker, fetched but not yet in a batch (the queue in front of "
                                     "the recommend thread)", buckets=STAGE_BUCKETS, registry=r)
+        self.recommend_busy = Counter("streamrec_recommend_busy_seconds", "Wall seconds the recommend thread "
+                                      "spent on batches: its rate is the share of time it is busy (1: always); "
+                                      "near 1, batches queue in front of it and latency grows", registry=r)
         self.stage_latency = Histogram("streamrec_stage_latency_seconds", "Time per batch in each stage",
                                        ["stage"], buckets=STAGE_BUCKETS, registry=r)
         self.event_latency = Histogram("streamrec_event_to_list_latency_seconds",
@@ -93,6 +97,10 @@ class WorkerMetrics:
 
     def observe_batch_wait(self, seconds: float) -> None:
         self.batch_wait.observe(seconds)
+
+    def add_recommend_busy(self, seconds: float) -> None:
+        if seconds > 0:
+            self.recommend_busy.inc(seconds)
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         child = self._stages.get(stage)

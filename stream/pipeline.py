@@ -99,7 +99,10 @@ class BatchPipeline:
         self._open.set()
         self._durable: list[SentBatch] = []   # changelog batches awaiting persist
         self._cache_seen = (0, 0)   # encoder cache hits and misses already counted in the metrics
+        self._busy_s = 0.0          # the recommend thread's wall seconds on batches (it alone writes it)
+        self._busy_seen = 0.0       # of which already counted in the stats and metrics
         self.stats = {"events": 0, "dlq": 0, "published": 0, "batches": 0, "expired": 0, "dlq_oversize": 0,
+                      "recommend_busy_s": 0.0,
                       "seconds": dict.fromkeys(STAGES, 0.0)}
 
     # ------------------------------------------------------------------ running
@@ -125,11 +128,21 @@ class BatchPipeline:
     def _submit(self, *args) -> asyncio.Future:
         """Hand work to the recommend thread (``recommend_batch(*args)``), counted: stage 1 sends
         a partial batch at once only while that thread has nothing, retries included."""
-        future = asyncio.get_running_loop().run_in_executor(self.executor, self.recommender.recommend_batch, *args)
+        future = asyncio.get_running_loop().run_in_executor(self.executor, self._busy_recommending, *args)
         self._recommending += 1
         self._recommender_idle.clear()
         future.add_done_callback(self._recommended)
         return future
+
+    def _busy_recommending(self, *args):
+        """``recommend_batch`` on the recommend thread, its wall time counted (failed attempts too):
+        how busy that thread is tells how close the worker is to its capacity -- batches queue
+        in front of it, and latency grows, as it nears 100%."""
+        started = time.perf_counter()
+        try:
+            return self.recommender.recommend_batch(*args)
+        finally:
+            self._busy_s += time.perf_counter() - started
 
     def _recommended(self, _future) -> None:
         self._recommending -= 1
@@ -309,10 +322,13 @@ class BatchPipeline:
         seconds = {"state": batch.state_s, **result.timings, "publish": publish_s}
         for stage, spent in seconds.items():
             stats["seconds"][stage] = stats["seconds"].get(stage, 0.0) + spent
+        busy, self._busy_seen = self._busy_s - self._busy_seen, self._busy_s
+        stats["recommend_busy_s"] += busy
         m = self.metrics
         if m is not None:
             m.observe_batch(batch.records)
             m.observe_batch_wait(batch.wait_s)
+            m.add_recommend_busy(busy)
             for stage, spent in seconds.items():
                 m.observe_stage(stage, spent)
             for _, _, _, reason in batch.dead:

@@ -245,9 +245,9 @@ def log_pipeline_stats(pipeline: BatchPipeline) -> None:
     looked_up = cache.get("cache_hits", 0) + cache.get("cache_misses", 0)
     cached = (f"; encoder cache {cache['cache_hits'] / looked_up:.1%} hits of {looked_up}, "
               f"{cache['cache_users']} users, {cache['cache_bytes'] / 2**20:.0f} MiB") if looked_up else ""
-    log.info("processed %d events in %d batches, %d lists, %d dead letters; stage seconds %s%s",
-             s["events"], s["batches"], s["published"], s["dlq"], {k: round(v, 2) for k, v in s["seconds"].items()},
-             cached)
+    log.info("processed %d events in %d batches, %d lists, %d dead letters; stage seconds %s; recommend thread "
+             "busy %.2f s%s", s["events"], s["batches"], s["published"], s["dlq"],
+             {k: round(v, 2) for k, v in s["seconds"].items()}, s["recommend_busy_s"], cached)
 
 
 def run_worker(settings: WorkerSettings, loglevel: str = "info") -> None:

@@ -27,6 +27,8 @@ def test_exposition_has_names_and_labels():
         pass
     m.observe_stage("search", 0.004)
     m.observe_batch_wait(0.003)
+    m.add_recommend_busy(0.25)
+    m.add_recommend_busy(0.5)
     m.observe_event_latency(np.array([0.02, 0.3, 1.5]))
     m.count_dlq("missing ts")
     m.count_dlq("not msgpack", 2)
@@ -40,6 +42,7 @@ def test_exposition_has_names_and_labels():
                  "streamrec_batch_size_sum 40.0",
                  "streamrec_batch_wait_seconds_count 1.0",
                  'streamrec_batch_wait_seconds_bucket{le="0.005"} 1.0',
+                 "streamrec_recommend_busy_seconds_total 0.75",
                  'streamrec_event_to_list_latency_seconds_count{variant="default"} 3.0'):
         assert line in text, line
     for stage in ("state", "encode", "search", "rerank", "publish"):  # every stage, even unused

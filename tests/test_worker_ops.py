@@ -256,6 +256,8 @@ async def test_worker_serves_prometheus_metrics(broker, worker, metrics_port, ti
     assert "streamrec_batch_size_bucket" in text
     waits = [line for line in text.splitlines() if line.startswith("streamrec_batch_wait_seconds_count ")]
     assert waits and float(waits[0].split()[-1]) >= 1   # every batch observed how long it waited
+    busy = [line for line in text.splitlines() if line.startswith("streamrec_recommend_busy_seconds_total ")]
+    assert busy and float(busy[0].split()[-1]) > 0   # the recommend thread's time on those batches
 
 
 def test_the_worker_freezes_its_startup_heap_and_collects_young_objects_rarely():
