@@ -31,8 +31,9 @@ from stream.events import (DELETE_USER, DLQ_TOPIC, RECOMMENDATIONS_TOPIC, Invali
                            decode_keyed_event, encode_dead_letter, encode_recommendations)
 from stream.intake import RecordIntake
 from stream.metrics import DEFAULT_VARIANT, STAGES
-from stream.recommender import match_faiss_threads
+from stream.recommender import start_stage_thread
 from stream.state import StateTable, UserState
+from stream.threads import RECOMMEND_THREAD
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,8 @@ class BatchPipeline:
         self.state_ttl_s = state_ttl_s          # users inactive longer than this (stream time) are erased
         self.active_partitions: set[int] = set()   # of the state table: assigned to this worker
         self._stream_time = 0.0                 # the newest event ts seen
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recommend",
-                                           initializer=match_faiss_threads)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=RECOMMEND_THREAD,
+                                           initializer=start_stage_thread)
         self._handoff: asyncio.Queue = asyncio.Queue(maxsize=1)   # at most one batch ahead of stage 2
         self._seq = 0
         self._done_seq = 0          # the newest batch whose records are all sent

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from model.artifact import METADATA, ModelArtifact
 from model.data import load_log
 from model.incremental import DEFAULT_BUDGET_BYTES, EncodeRequest, IncrementalEncoder, for_serving
 from stream.state import UserState
+from stream.threads import LANE_THREAD, name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +46,16 @@ RECOMMEND_STAGES = ("encode", "search", "rerank")   # the stages of stream.metri
 PARALLEL_MIN_USERS = 64
 
 
-def match_faiss_threads() -> None:
-    """A new thread's OpenMP team size is the machine's, not what the main thread set: give
-    faiss the torch thread count (an executor's initializer)."""
+def start_stage_thread() -> None:
+    """Initializer of the recommend stage's threads (an executor's). A new thread's OpenMP team
+    size is the machine's, not what the main thread set: faiss gets the torch thread count.
+    The OS thread takes the name Python gave it (``recommend_0``, ``lane_0``), so that ``top -H``
+    and /proc tell the stage's CPU apart from the event loop's (stream/threads.py)."""
     import faiss
     import torch
 
     faiss.omp_set_num_threads(torch.get_num_threads())
+    name_os_thread(threading.current_thread().name)
 
 
 @dataclass
@@ -207,8 +212,8 @@ class Recommender:
         self.lanes = lanes
         self.model = ServingModel.load(self.model_path, self.catalogue, self.config, cache_bytes, lanes)
         # the calling thread works one lane, these the others
-        self._helpers = ThreadPoolExecutor(lanes - 1, thread_name_prefix="lane",
-                                           initializer=match_faiss_threads) if lanes > 1 else None
+        self._helpers = ThreadPoolExecutor(lanes - 1, thread_name_prefix=LANE_THREAD,
+                                           initializer=start_stage_thread) if lanes > 1 else None
         self._pending: ServingModel | None = None
         self.timings: dict[str, float] = {}
         self._retired_lookups = (0, 0)   # cache hits and misses of the models swapped out

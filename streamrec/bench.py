@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import gc
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -28,6 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from stream.events import EVENTS_TOPIC
+from stream.threads import STAGE_THREADS
 from streamrec import harness
 from streamrec.synthetic import ShopSpec, extend_in_time, generate
 
@@ -296,6 +298,7 @@ class ProcessCpu(NamedTuple):
     total_s: float    # every thread, user + system
     kernel_s: float   # every thread, system
     faults: int       # minor page faults, every thread
+    recommend_s: float = float("nan")   # the recommend stage's threads (stream.threads.STAGE_THREADS)
 
 
 def cpu_seconds(pid: int) -> ProcessCpu:
@@ -308,15 +311,26 @@ def cpu_seconds(pid: int) -> ProcessCpu:
     """
     tick = os.sysconf("SC_CLK_TCK")
 
-    def read(path: str) -> list[int]:
-        return [int(f) for f in Path(path).read_text().rsplit(")", 1)[1].split()[7:13]]
+    def read(path: str) -> tuple[str, list[int]]:
+        text = Path(path).read_text()
+        name, rest = text[text.index("(") + 1:].rsplit(")", 1)
+        return name, [int(f) for f in rest.split()[7:13]]
 
     try:
-        loop, every = read(f"/proc/{pid}/task/{pid}/stat"), read(f"/proc/{pid}/stat")
+        (_, loop), (_, every) = read(f"/proc/{pid}/task/{pid}/stat"), read(f"/proc/{pid}/stat")
     except (OSError, IndexError, ValueError):
         return ProcessCpu(float("nan"), float("nan"), float("nan"), 0)
+    stage = None   # none of its threads is named so (a baseline): nan
+    for task in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            name, fields = read(str(task))
+        except (OSError, IndexError, ValueError):   # the thread has ended meanwhile
+            continue
+        if name.startswith(STAGE_THREADS):
+            stage = (stage or 0) + fields[4] + fields[5]
     # the fields after the name, from the 8th: minflt, cminflt, majflt, cmajflt, utime, stime
-    return ProcessCpu((loop[4] + loop[5]) / tick, (every[4] + every[5]) / tick, every[5] / tick, every[0])
+    return ProcessCpu((loop[4] + loop[5]) / tick, (every[4] + every[5]) / tick, every[5] / tick, every[0],
+                      float("nan") if stage is None else stage / tick)
 
 
 def host_cpu_ticks(stat: str | None = None) -> tuple[int, int]:
@@ -354,7 +368,11 @@ async def _drive(bootstrap: str, phases: list[list[dict]], options: E2EOptions, 
             after, host_after = [cpu_seconds(pid) for pid in pids], host_cpu_ticks()
             result["host_steal_percent"] = round(steal_percent(host_before, host_after), 1)
             loop_s, total_s, kernel_s, faults = (sum(a[f] - b[f] for a, b in zip(after, before)) for f in range(4))
+            # a thread pool starts its threads with its first task: none yet counts as 0 s so far
+            stage_s = sum(a.recommend_s - (0.0 if math.isnan(b.recommend_s) else b.recommend_s)
+                          for a, b in zip(after, before))
             result["loop_cpu_us_per_event"] = round(loop_s / len(events) * 1e6, 1)
+            result["recommend_cpu_us_per_event"] = round(stage_s / len(events) * 1e6, 1)
             result["worker_cpu_us_per_event"] = round(total_s / len(events) * 1e6, 1)
             result["worker_kernel_percent"] = round(100 * kernel_s / total_s, 1) if total_s > 0 else float("nan")
             result["worker_page_faults_per_event"] = round(faults / len(events), 1)
@@ -406,10 +424,10 @@ def render(result: dict) -> str:
     """Each run's phases as an aligned table, its stage seconds, and the throughput ratios."""
     cols = ("offered_rate", "throughput_events_per_s", "latency_p50_ms", "latency_p99_ms", "latency_max_ms",
             "visible_p50_ms", "visible_p99_ms", "seconds_until_all_lists_current", "lists",
-            "loop_cpu_us_per_event", "worker_cpu_us_per_event", "worker_kernel_percent",
+            "loop_cpu_us_per_event", "recommend_cpu_us_per_event", "worker_cpu_us_per_event", "worker_kernel_percent",
             "worker_page_faults_per_event", "host_steal_percent", "complete")
     head = ("offered/s", "events/s", "p50 ms", "p99 ms", "max ms", "seen p50", "seen p99", "s to current",
-            "lists", "loop us/ev", "cpu us/ev", "kernel %", "faults/ev", "steal %", "complete")
+            "lists", "loop us/ev", "rec us/ev", "cpu us/ev", "kernel %", "faults/ev", "steal %", "complete")
     lines = [f"broker {result['broker']}, {result['guarantee']}, {result['workers']} worker(s), workload "
              f"{result['workload']}: {result['events_per_phase']:,} events per phase, {result['users']:,} users"
              + (f", worker on CPUs {','.join(map(str, result['worker_cpus']))}" if result.get("worker_cpus") else "")

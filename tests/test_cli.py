@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 
 import msgpack
 import pytest
@@ -161,7 +162,7 @@ def test_bench_reports_the_hosts_stolen_cpu_time_per_phase():
     phase = {"offered_rate": 500.0, "throughput_events_per_s": 499.9, "latency_p50_ms": 16.0, "latency_p99_ms": 33.1,
              "latency_max_ms": 63.3, "visible_p50_ms": 21.6, "visible_p99_ms": 40.6,
              "seconds_until_all_lists_current": 40.01, "lists": 6309, "loop_cpu_us_per_event": 250.5,
-             "worker_cpu_us_per_event": 1045.5, "worker_kernel_percent": 17.3, "worker_page_faults_per_event": 6.3,
+             "recommend_cpu_us_per_event": 610.5, "worker_cpu_us_per_event": 1045.5, "worker_kernel_percent": 17.3, "worker_page_faults_per_event": 6.3,
              "host_steal_percent": 12.5, "complete": True,
              "latency_p99_ms_by_second": [30.0, 33.1]}
     result = {"broker": "kafka", "guarantee": "at_least_once", "workers": 1, "workload": "shop",
@@ -170,7 +171,8 @@ def test_bench_reports_the_hosts_stolen_cpu_time_per_phase():
                         "worker_stage_seconds": []}]}
     head, row = render(result).splitlines()[2:4]
     assert head.split()[-2:] == ["%", "complete"] and "cpu us/ev  kernel %  faults/ev  steal %" in head
-    assert row.split()[-5:] == ["1045.5", "17.3", "6.3", "12.5", "True"]
+    assert "loop us/ev  rec us/ev  cpu us/ev" in head
+    assert row.split()[-7:] == ["250.5", "610.5", "1045.5", "17.3", "6.3", "12.5", "True"]
 
 
 def test_bench_counts_a_workers_kernel_time_and_page_faults():
@@ -191,6 +193,39 @@ def test_bench_counts_a_workers_kernel_time_and_page_faults():
     assert 0 <= after.kernel_s <= after.total_s and after.loop_s <= after.total_s
     missing = cpu_seconds(2 ** 22 + 7)   # no such process
     assert missing.faults == 0 and all(v != v for v in missing[:3])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread names and /proc: Linux")
+def test_bench_counts_the_recommend_stages_threads_by_the_name_the_os_shows():
+    """The recommend thread and the lanes' helpers name their OS threads (``top -H``, /proc), and
+    bench e2e counts their CPU apart: the recommend stage's share of a worker's CPU per phase."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    from stream.recommender import start_stage_thread
+    from stream.threads import RECOMMEND_THREAD
+    from streamrec.bench import cpu_seconds
+
+    def burn(seconds: float) -> int:
+        ends = time.thread_time() + seconds
+        while time.thread_time() < ends:
+            pass
+        return threading.get_native_id()
+
+    with ThreadPoolExecutor(1, thread_name_prefix=RECOMMEND_THREAD, initializer=start_stage_thread) as stage:
+        tid = stage.submit(burn, 0).result()
+        name = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+        before = cpu_seconds(os.getpid())
+        stage.submit(burn, 0.3).result()
+        middle = cpu_seconds(os.getpid())
+        burn(0.1)   # the test's own thread: not the stage's
+        after = cpu_seconds(os.getpid())
+    assert name == f"{RECOMMEND_THREAD}_0"
+    tick = 1 / os.sysconf("SC_CLK_TCK")   # the process's and its threads' sums round apart
+    assert 0.2 <= middle.recommend_s - before.recommend_s <= middle.total_s - before.total_s + 2 * tick
+    assert after.recommend_s == middle.recommend_s and after.total_s - middle.total_s >= 0.05
 
 
 @pytest.mark.integration
