@@ -101,7 +101,6 @@ class BatchPipeline:
         self._durable: list[SentBatch] = []   # changelog batches awaiting persist
         self._cache_seen = (0, 0)   # encoder cache hits and misses already counted in the metrics
         self._busy_s = 0.0          # the recommend thread's wall seconds on batches (it alone writes it)
-        self._busy_seen = 0.0       # of which already counted in the stats and metrics
         self.stats = {"events": 0, "dlq": 0, "published": 0, "batches": 0, "expired": 0, "dlq_oversize": 0,
                       "recommend_busy_s": 0.0,
                       "seconds": dict.fromkeys(STAGES, 0.0)}
@@ -323,8 +322,8 @@ class BatchPipeline:
         seconds = {"state": batch.state_s, **result.timings, "publish": publish_s}
         for stage, spent in seconds.items():
             stats["seconds"][stage] = stats["seconds"].get(stage, 0.0) + spent
-        busy, self._busy_seen = self._busy_s - self._busy_seen, self._busy_s
-        stats["recommend_busy_s"] += busy
+        # what the thread has added since the last batch counted (the stats hold the total counted)
+        busy, stats["recommend_busy_s"] = self._busy_s - stats["recommend_busy_s"], self._busy_s
         m = self.metrics
         if m is not None:
             m.observe_batch(batch.records)

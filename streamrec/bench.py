@@ -316,21 +316,23 @@ def cpu_seconds(pid: int) -> ProcessCpu:
         name, rest = text[text.index("(") + 1:].rsplit(")", 1)
         return name, [int(f) for f in rest.split()[7:13]]
 
-    try:
-        (_, loop), (_, every) = read(f"/proc/{pid}/task/{pid}/stat"), read(f"/proc/{pid}/stat")
-    except (OSError, IndexError, ValueError):
-        return ProcessCpu(float("nan"), float("nan"), float("nan"), 0)
-    stage = None   # none of its threads is named so (a baseline): nan
+    # each thread's ticks (the main one is the event loop's); one read of the process's own
+    # totals, which keep what threads that have ended used
+    threads: dict[str, tuple[str, list[int]]] = {}
     for task in Path(f"/proc/{pid}/task").glob("*/stat"):
         try:
-            name, fields = read(str(task))
+            threads[task.parent.name] = read(str(task))
         except (OSError, IndexError, ValueError):   # the thread has ended meanwhile
             continue
-        if name.startswith(STAGE_THREADS):
-            stage = (stage or 0) + fields[4] + fields[5]
+    try:
+        _, every = read(f"/proc/{pid}/stat")
+        _, loop = threads[str(pid)]
+    except (OSError, IndexError, ValueError, KeyError):
+        return ProcessCpu(float("nan"), float("nan"), float("nan"), 0)
     # the fields after the name, from the 8th: minflt, cminflt, majflt, cmajflt, utime, stime
+    stage = [f[4] + f[5] for name, f in threads.values() if name.startswith(STAGE_THREADS)]
     return ProcessCpu((loop[4] + loop[5]) / tick, (every[4] + every[5]) / tick, every[5] / tick, every[0],
-                      float("nan") if stage is None else stage / tick)
+                      sum(stage) / tick if stage else float("nan"))   # none named so (a baseline): nan
 
 
 def host_cpu_ticks(stat: str | None = None) -> tuple[int, int]:
