@@ -390,9 +390,15 @@ class Reranker:
         return torch.bmm(unit, unit.transpose(1, 2))
 
     def _product_rows(self, which: str, rows) -> torch.Tensor:
-        """``rows`` ([...], numpy or torch; none negative) of the item or unit vectors, [..., D]."""
+        """``rows`` ([...], numpy or torch; none negative) of the item or unit vectors, [..., D].
+        On the CPU numpy's take copies each row whole, where torch's index_select copies bf16
+        element by element: 1,500 rows of 256 took ~22 against ~49 us warm, ~170 against ~260
+        after a large product had taken the caches (as the encoder's pass does before a rerank)."""
+        table = self._for_products(which)
+        if table.device.type == "cpu" and isinstance(rows, np.ndarray):
+            return torch.from_numpy(np.take(host_view(table), rows, axis=0)).view(table.dtype)
         rows = torch.as_tensor(rows, device=self.device)
-        return self._for_products(which).index_select(0, rows.reshape(-1)).view(*rows.shape, -1)
+        return table.index_select(0, rows.reshape(-1)).view(*rows.shape, -1)
 
     def _for_products(self, which: str) -> torch.Tensor:
         """Torch copies of the item vectors (``vectors``) or unit vectors (``unit``) for the
