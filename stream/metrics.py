@@ -9,6 +9,7 @@ event: histograms of per-event values are filled from a whole array at once.
     m.observe_batch(len(events))            # batch size histogram, events processed counter
     m.observe_batch_wait(seconds)           # how long its oldest records waited to be batched
     m.add_recommend_busy(seconds)           # wall time the recommend thread spent on batches
+                                            # (its wait for a core is read from /proc when scraped)
     with m.stage("encode"): ...             # per-stage latency
     m.observe_event_latency(now - event_ts) # event ts -> list produced, an array per batch
     m.count_published(n); m.count_dlq("missing ts")
@@ -25,8 +26,10 @@ from typing import Iterable
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
 from stream.lag import DEFAULT_GROUP, SEVERITY, LagEvaluator, lag_snapshot
+from stream.threads import stage_cpu_wait_seconds
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,7 @@ class WorkerMetrics:
         self.recommend_busy = Counter("streamrec_recommend_busy_seconds", "Wall seconds the recommend thread "
                                       "spent on batches: its rate is the share of time it is busy (1: always); "
                                       "near 1, batches queue in front of it and latency grows", registry=r)
+        r.register(StageWaitCollector())
         self.stage_latency = Histogram("streamrec_stage_latency_seconds", "Time per batch in each stage",
                                        ["stage"], buckets=STAGE_BUCKETS, registry=r)
         self.event_latency = Histogram("streamrec_event_to_list_latency_seconds",
@@ -162,6 +166,29 @@ class WorkerMetrics:
             server, self._server = self._server, None
             await asyncio.to_thread(server.shutdown)
             server.server_close()
+
+
+class StageWaitCollector:
+    """``streamrec_recommend_cpu_wait_seconds_total``: how long the recommend stage's threads were
+    ready to run but waited for a core (the kernel's run-queue delay), read from /proc at each
+    scrape, so the worker does nothing for it per batch. Beside the busy counter it tells a
+    stage that has too much to do (busy near 1: add workers) from one that is starved of CPU by
+    other processes or a CPU limit (its wait grows while its work does not). Absent where /proc
+    cannot tell (not Linux)."""
+
+    NAME = "streamrec_recommend_cpu_wait_seconds"
+    HELP = ("Seconds the recommend stage's threads were ready to run but waited for a core (run-queue delay): "
+            "its rate is the share of time the stage was held back by other work on the machine")
+
+    def describe(self):
+        yield CounterMetricFamily(self.NAME, self.HELP)
+
+    def collect(self):
+        waited = stage_cpu_wait_seconds()
+        if waited == waited:
+            family = CounterMetricFamily(self.NAME, self.HELP)
+            family.add_metric([], waited)
+            yield family
 
 
 def observe_many(histogram, values) -> None:

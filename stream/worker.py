@@ -34,6 +34,7 @@ from model.artifact import keep_freed_memory, usable_cores
 from model.incremental import DEFAULT_BUDGET_BYTES
 from stream.recommender import Recommender
 from stream.state import StateTable, store_url
+from stream.threads import stage_cpu_wait_seconds
 
 log = logging.getLogger(__name__)
 
@@ -246,8 +247,9 @@ def log_pipeline_stats(pipeline: BatchPipeline) -> None:
     cached = (f"; encoder cache {cache['cache_hits'] / looked_up:.1%} hits of {looked_up}, "
               f"{cache['cache_users']} users, {cache['cache_bytes'] / 2**20:.0f} MiB") if looked_up else ""
     log.info("processed %d events in %d batches, %d lists, %d dead letters; stage seconds %s; recommend thread "
-             "busy %.2f s%s", s["events"], s["batches"], s["published"], s["dlq"],
-             {k: round(v, 2) for k, v in s["seconds"].items()}, s["recommend_busy_s"], cached)
+             "busy %.2f s, waited for a core %.2f s%s", s["events"], s["batches"], s["published"], s["dlq"],
+             {k: round(v, 2) for k, v in s["seconds"].items()}, s["recommend_busy_s"], stage_cpu_wait_seconds(),
+             cached)
 
 
 def run_worker(settings: WorkerSettings, loglevel: str = "info") -> None:

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from stream.events import EVENTS_TOPIC
-from stream.threads import STAGE_THREADS
+from stream.threads import STAGE_THREADS, run_queue_seconds
 from streamrec import harness
 from streamrec.synthetic import ShopSpec, extend_in_time, generate
 
@@ -299,6 +299,7 @@ class ProcessCpu(NamedTuple):
     kernel_s: float   # every thread, system
     faults: int       # minor page faults, every thread
     recommend_s: float = float("nan")   # the recommend stage's threads (stream.threads.STAGE_THREADS)
+    recommend_wait_s: float = float("nan")   # their run-queue delay: ready to run, waiting for a core
 
 
 def cpu_seconds(pid: int) -> ProcessCpu:
@@ -319,11 +320,14 @@ def cpu_seconds(pid: int) -> ProcessCpu:
     # each thread's ticks (the main one is the event loop's); one read of the process's own
     # totals, which keep what threads that have ended used
     threads: dict[str, tuple[str, list[int]]] = {}
+    waits = []   # the recommend stage's threads' run-queue delay (nan: unreadable)
     for task in Path(f"/proc/{pid}/task").glob("*/stat"):
         try:
-            threads[task.parent.name] = read(str(task))
+            threads[task.parent.name] = thread = read(str(task))
         except (OSError, IndexError, ValueError):   # the thread has ended meanwhile
             continue
+        if thread[0].startswith(STAGE_THREADS):
+            waits.append(run_queue_seconds(task.parent))
     try:
         _, every = read(f"/proc/{pid}/stat")
         _, loop = threads[str(pid)]
@@ -332,7 +336,8 @@ def cpu_seconds(pid: int) -> ProcessCpu:
     # the fields after the name, from the 8th: minflt, cminflt, majflt, cmajflt, utime, stime
     stage = [f[4] + f[5] for name, f in threads.values() if name.startswith(STAGE_THREADS)]
     return ProcessCpu((loop[4] + loop[5]) / tick, (every[4] + every[5]) / tick, every[5] / tick, every[0],
-                      sum(stage) / tick if stage else float("nan"))   # none named so (a baseline): nan
+                      sum(stage) / tick if stage else float("nan"),   # none named so (a baseline): nan
+                      sum(waits) if waits else float("nan"))
 
 
 def host_cpu_ticks(stat: str | None = None) -> tuple[int, int]:
@@ -371,10 +376,11 @@ async def _drive(bootstrap: str, phases: list[list[dict]], options: E2EOptions, 
             result["host_steal_percent"] = round(steal_percent(host_before, host_after), 1)
             loop_s, total_s, kernel_s, faults = (sum(a[f] - b[f] for a, b in zip(after, before)) for f in range(4))
             # a thread pool starts its threads with its first task: none yet counts as 0 s so far
-            stage_s = sum(a.recommend_s - (0.0 if math.isnan(b.recommend_s) else b.recommend_s)
-                          for a, b in zip(after, before))
+            stage_s, wait_s = (sum(getattr(a, f) - (0.0 if math.isnan(getattr(b, f)) else getattr(b, f))
+                                   for a, b in zip(after, before)) for f in ("recommend_s", "recommend_wait_s"))
             result["loop_cpu_us_per_event"] = round(loop_s / len(events) * 1e6, 1)
             result["recommend_cpu_us_per_event"] = round(stage_s / len(events) * 1e6, 1)
+            result["recommend_wait_us_per_event"] = round(wait_s / len(events) * 1e6, 1)
             result["worker_cpu_us_per_event"] = round(total_s / len(events) * 1e6, 1)
             result["worker_kernel_percent"] = round(100 * kernel_s / total_s, 1) if total_s > 0 else float("nan")
             result["worker_page_faults_per_event"] = round(faults / len(events), 1)
@@ -426,10 +432,11 @@ def render(result: dict) -> str:
     """Each run's phases as an aligned table, its stage seconds, and the throughput ratios."""
     cols = ("offered_rate", "throughput_events_per_s", "latency_p50_ms", "latency_p99_ms", "latency_max_ms",
             "visible_p50_ms", "visible_p99_ms", "seconds_until_all_lists_current", "lists",
-            "loop_cpu_us_per_event", "recommend_cpu_us_per_event", "worker_cpu_us_per_event", "worker_kernel_percent",
+            "loop_cpu_us_per_event", "recommend_cpu_us_per_event", "recommend_wait_us_per_event",
+            "worker_cpu_us_per_event", "worker_kernel_percent",
             "worker_page_faults_per_event", "host_steal_percent", "complete")
     head = ("offered/s", "events/s", "p50 ms", "p99 ms", "max ms", "seen p50", "seen p99", "s to current",
-            "lists", "loop us/ev", "rec us/ev", "cpu us/ev", "kernel %", "faults/ev", "steal %", "complete")
+            "lists", "loop us/ev", "rec us/ev", "rec wait us/ev", "cpu us/ev", "kernel %", "faults/ev", "steal %", "complete")
     lines = [f"broker {result['broker']}, {result['guarantee']}, {result['workers']} worker(s), workload "
              f"{result['workload']}: {result['events_per_phase']:,} events per phase, {result['users']:,} users"
              + (f", worker on CPUs {','.join(map(str, result['worker_cpus']))}" if result.get("worker_cpus") else "")

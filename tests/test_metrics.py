@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 import urllib.request
 
@@ -51,6 +52,49 @@ def test_exposition_has_names_and_labels():
     assert 'streamrec_stage_latency_seconds_bucket{le="0.005",stage="search"} 1.0' in text
     assert "# TYPE kafka_consumergroup_lag gauge" in text
     assert "# TYPE kafka_consumergroup_lag_seconds gauge" in text
+    if sys.platform.startswith("linux"):   # read from /proc at the scrape
+        assert "# TYPE streamrec_recommend_cpu_wait_seconds_total counter" in text
+        assert sample(m, "streamrec_recommend_cpu_wait_seconds_total") >= 0
+
+
+def test_the_stages_wait_for_a_core_is_the_run_queue_delay_of_its_threads_by_name(tmp_path):
+    """The kernel's run-queue delay (schedstat's second field, ns) of the threads named as the
+    recommend stage's, summed; other threads and unreadable ones left out; nan for no process."""
+    from stream.threads import stage_cpu_wait_seconds
+
+    for tid, name, schedstat in ((11, "recommend_0", "7000 2500000000 9"), (12, "lane_0", "5 500000000 2"),
+                                 (13, "python", "9 9000000000 1"), (14, "lane_1", None)):
+        task = tmp_path / "42" / "task" / str(tid)
+        task.mkdir(parents=True)
+        (task / "comm").write_text(name + "\n")
+        if schedstat is not None:
+            (task / "schedstat").write_text(schedstat + "\n")
+    assert stage_cpu_wait_seconds(42, proc=tmp_path) == pytest.approx(3.0)
+    assert stage_cpu_wait_seconds(42, prefixes=("python",), proc=tmp_path) == pytest.approx(9.0)
+    assert stage_cpu_wait_seconds(43, proc=tmp_path) != stage_cpu_wait_seconds(43, proc=tmp_path)   # nan
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="run-queue delay from /proc: Linux")
+def test_a_stage_thread_that_shares_its_core_counts_the_time_it_waited():
+    """Two processes pinned to one core, each a thread named as the stage's that burns 0.4 s of
+    CPU: each waits while the other runs, and its count says so (the real kernel's, not a file
+    of the test's)."""
+    import subprocess
+
+    code = ("import os, sys, time; from stream.threads import name_os_thread, stage_cpu_wait_seconds; "
+            "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); name_os_thread('recommend_0'); "
+            "sys.stdout.write('ready\\n'); sys.stdout.flush(); sys.stdin.readline(); "
+            "ends = time.thread_time() + 0.4\nwhile time.thread_time() < ends: pass\n"
+            "print(stage_cpu_wait_seconds())")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    for p in procs:   # both start burning together
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    waited = [float(p.communicate(timeout=60)[0].strip()) for p in procs]
+    assert all(w >= 0.1 for w in waited), waited
 
 
 def test_two_workers_do_not_clash():
