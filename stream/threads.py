@@ -2,8 +2,8 @@
 tell the recommend stage's CPU apart from the event loop's (``streamrec bench e2e`` counts it
 per phase). Python names its threads, but the OS thread keeps the process's name unless told.
 By name, the kernel's count of how long the stage waited for a core (its run-queue delay) can
-be read too: on a machine whose cores other processes want as well, that wait, not the stage's
-own work, is what grew the worker's latency tail (docs/performance.md)."""
+be read too: on a machine whose cores other processes (or a CPU limit) take, the stage's batches
+wait for a core besides their own work, and latency includes that (docs/performance.md)."""
 
 from __future__ import annotations
 
