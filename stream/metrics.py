@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily
 
 from stream.lag import DEFAULT_GROUP, SEVERITY, LagEvaluator, lag_snapshot
-from stream.threads import stage_cpu_wait_seconds
+from stream.threads import cpu_wait_seconds
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class WorkerMetrics:
         self.recommend_busy = Counter("streamrec_recommend_busy_seconds", "Wall seconds the recommend thread "
                                       "spent on batches: its rate is the share of time it is busy (1: always); "
                                       "near 1, batches queue in front of it and latency grows", registry=r)
-        r.register(StageWaitCollector())
+        r.register(CpuWaitCollector())
         self.stage_latency = Histogram("streamrec_stage_latency_seconds", "Time per batch in each stage",
                                        ["stage"], buckets=STAGE_BUCKETS, registry=r)
         self.event_latency = Histogram("streamrec_event_to_list_latency_seconds",
@@ -168,26 +168,28 @@ class WorkerMetrics:
             server.server_close()
 
 
-class StageWaitCollector:
-    """``streamrec_recommend_cpu_wait_seconds_total``: how long the recommend stage's threads were
-    ready to run but waited for a core (the kernel's run-queue delay), read from /proc at each
-    scrape, so the worker does nothing for it per batch. Beside the busy counter it tells a
-    stage that has too much to do (busy near 1: add workers) from one that is starved of CPU by
-    other processes or a CPU limit (its wait grows while its work does not). Absent where /proc
-    cannot tell (not Linux)."""
+class CpuWaitCollector:
+    """``streamrec_cpu_wait_seconds_total{thread}``: how long the recommend stage's threads
+    (``recommend``) and the event loop (``event_loop``) were ready to run but waited for a core
+    (the kernel's run-queue delay), read from /proc at each scrape, so the worker does nothing
+    for it per batch. Beside the busy counter it tells a stage that has too much to do (busy
+    near 1: add workers) from a worker starved of CPU by other processes or a CPU limit (the
+    wait grows while the work does not). Absent where /proc cannot tell (not Linux)."""
 
-    NAME = "streamrec_recommend_cpu_wait_seconds"
-    HELP = ("Seconds the recommend stage's threads were ready to run but waited for a core (run-queue delay): "
-            "its rate is the share of time the stage was held back by other work on the machine")
+    NAME = "streamrec_cpu_wait_seconds"
+    HELP = ("Seconds the worker's threads were ready to run but waited for a core (run-queue delay), by thread: "
+            "recommend (the recommend stage) and event_loop; its rate is the share of time they were held back "
+            "by other work on the machine")
 
     def describe(self):
-        yield CounterMetricFamily(self.NAME, self.HELP)
+        yield CounterMetricFamily(self.NAME, self.HELP, labels=["thread"])
 
     def collect(self):
-        waited = stage_cpu_wait_seconds()
-        if waited == waited:
-            family = CounterMetricFamily(self.NAME, self.HELP)
-            family.add_metric([], waited)
+        waits = cpu_wait_seconds()
+        if waits:
+            family = CounterMetricFamily(self.NAME, self.HELP, labels=["thread"])
+            for thread, seconds in waits.items():
+                family.add_metric([thread], seconds)
             yield family
 
 

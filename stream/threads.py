@@ -2,18 +2,21 @@
 tell the recommend stage's CPU apart from the event loop's (``streamrec bench e2e`` counts it
 per phase). Python names its threads, but the OS thread keeps the process's name unless told.
 By name, the kernel's count of how long the stage waited for a core (its run-queue delay) can
-be read too: on a machine whose cores other processes (or a CPU limit) take, the stage's batches
-wait for a core besides their own work, and latency includes that (docs/performance.md)."""
+be read too, and the event loop's (the main thread's): on a machine whose cores other processes
+(or a CPU limit) take, batches wait for a core besides their own work, and latency includes
+that (docs/performance.md)."""
 
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 from pathlib import Path
 
 RECOMMEND_THREAD = "recommend"          # the pipeline's recommend thread (recommend_0)
 LANE_THREAD = "lane"                    # the recommender's helpers for its other lanes (lane_0, ...)
 STAGE_THREADS = (RECOMMEND_THREAD, LANE_THREAD)   # the recommend stage's threads, by name prefix
+EVENT_LOOP = "event_loop"               # the process's main thread, which runs the worker's event loop
 PR_SET_NAME = 15                        # prctl's option that names the calling thread
 
 
@@ -37,25 +40,29 @@ def run_queue_seconds(task: Path) -> float:
         return float("nan")
 
 
-def stage_cpu_wait_seconds(pid: int | str = "self", prefixes: tuple[str, ...] = STAGE_THREADS,
-                           proc: Path = Path("/proc")) -> float:
-    """The run-queue delay of a process's threads whose OS name starts with one of ``prefixes``
-    (default: the recommend stage's), summed: how long the stage waited for a core, where
-    ``streamrec_recommend_busy_seconds`` counts how long it took. 0 with no such thread yet;
-    nan where /proc cannot tell (not Linux)."""
-    total, readable = 0.0, False
+def cpu_wait_seconds(pid: int | str = "self", proc: Path = Path("/proc")) -> dict[str, float]:
+    """How long a worker's threads waited for a core (their run-queue delay), by role:
+    ``recommend``, the threads named as the recommend stage's (STAGE_THREADS), summed (0 with
+    none yet), and ``event_loop``, the process's main thread, where the worker's event loop runs.
+    ``streamrec_recommend_busy_seconds`` counts how long the stage's batches took; this, how long
+    they and the event loop were held back by other work. A thread that has ended takes its count
+    with it (the stage's threads live as long as the worker). {} where /proc cannot tell (not Linux)."""
+    main = str(os.getpid()) if pid == "self" else str(pid)
     try:
         tasks = list((proc / str(pid) / "task").iterdir())
     except OSError:
-        return float("nan")
+        return {}
+    waits = {RECOMMEND_THREAD: 0.0}
     for task in tasks:
+        if task.name == main:
+            waits[EVENT_LOOP] = run_queue_seconds(task)
+            continue
         try:
             name = (task / "comm").read_text().strip()
         except OSError:   # the thread has ended meanwhile
             continue
-        readable = True
-        if name.startswith(prefixes):
+        if name.startswith(STAGE_THREADS):
             waited = run_queue_seconds(task)
             if waited == waited:
-                total += waited
-    return total if readable else float("nan")
+                waits[RECOMMEND_THREAD] += waited
+    return {role: seconds for role, seconds in waits.items() if seconds == seconds} if EVENT_LOOP in waits else {}

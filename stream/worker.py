@@ -34,7 +34,7 @@ from model.artifact import keep_freed_memory, usable_cores
 from model.incremental import DEFAULT_BUDGET_BYTES
 from stream.recommender import Recommender
 from stream.state import StateTable, store_url
-from stream.threads import stage_cpu_wait_seconds
+from stream.threads import cpu_wait_seconds
 
 log = logging.getLogger(__name__)
 
@@ -246,10 +246,11 @@ def log_pipeline_stats(pipeline: BatchPipeline) -> None:
     looked_up = cache.get("cache_hits", 0) + cache.get("cache_misses", 0)
     cached = (f"; encoder cache {cache['cache_hits'] / looked_up:.1%} hits of {looked_up}, "
               f"{cache['cache_users']} users, {cache['cache_bytes'] / 2**20:.0f} MiB") if looked_up else ""
+    waited = "".join(f", {thread.replace('_', ' ')} waited for a core {seconds:.2f} s"
+                     for thread, seconds in cpu_wait_seconds().items())
     log.info("processed %d events in %d batches, %d lists, %d dead letters; stage seconds %s; recommend thread "
-             "busy %.2f s, waited for a core %.2f s%s", s["events"], s["batches"], s["published"], s["dlq"],
-             {k: round(v, 2) for k, v in s["seconds"].items()}, s["recommend_busy_s"], stage_cpu_wait_seconds(),
-             cached)
+             "busy %.2f s%s%s", s["events"], s["batches"], s["published"], s["dlq"],
+             {k: round(v, 2) for k, v in s["seconds"].items()}, s["recommend_busy_s"], waited, cached)
 
 
 def run_worker(settings: WorkerSettings, loglevel: str = "info") -> None:

@@ -300,6 +300,7 @@ class ProcessCpu(NamedTuple):
     faults: int       # minor page faults, every thread
     recommend_s: float = float("nan")   # the recommend stage's threads (stream.threads.STAGE_THREADS)
     recommend_wait_s: float = float("nan")   # their run-queue delay: ready to run, waiting for a core
+    loop_wait_s: float = float("nan")        # the event loop's
 
 
 def cpu_seconds(pid: int) -> ProcessCpu:
@@ -337,7 +338,8 @@ def cpu_seconds(pid: int) -> ProcessCpu:
     stage = [f[4] + f[5] for name, f in threads.values() if name.startswith(STAGE_THREADS)]
     return ProcessCpu((loop[4] + loop[5]) / tick, (every[4] + every[5]) / tick, every[5] / tick, every[0],
                       sum(stage) / tick if stage else float("nan"),   # none named so (a baseline): nan
-                      sum(waits) if waits else float("nan"))
+                      sum(waits) if waits else float("nan"),
+                      run_queue_seconds(Path(f"/proc/{pid}/task/{pid}")))   # the event loop's
 
 
 def host_cpu_ticks(stat: str | None = None) -> tuple[int, int]:
@@ -376,9 +378,11 @@ async def _drive(bootstrap: str, phases: list[list[dict]], options: E2EOptions, 
             result["host_steal_percent"] = round(steal_percent(host_before, host_after), 1)
             loop_s, total_s, kernel_s, faults = (sum(a[f] - b[f] for a, b in zip(after, before)) for f in range(4))
             # a thread pool starts its threads with its first task: none yet counts as 0 s so far
-            stage_s, wait_s = (sum(getattr(a, f) - (0.0 if math.isnan(getattr(b, f)) else getattr(b, f))
-                                   for a, b in zip(after, before)) for f in ("recommend_s", "recommend_wait_s"))
+            stage_s, wait_s, loop_wait_s = (sum(getattr(a, f) - (0.0 if math.isnan(getattr(b, f)) else getattr(b, f))
+                                                for a, b in zip(after, before))
+                                            for f in ("recommend_s", "recommend_wait_s", "loop_wait_s"))
             result["loop_cpu_us_per_event"] = round(loop_s / len(events) * 1e6, 1)
+            result["loop_wait_us_per_event"] = round(loop_wait_s / len(events) * 1e6, 1)
             result["recommend_cpu_us_per_event"] = round(stage_s / len(events) * 1e6, 1)
             result["recommend_wait_us_per_event"] = round(wait_s / len(events) * 1e6, 1)
             result["worker_cpu_us_per_event"] = round(total_s / len(events) * 1e6, 1)
@@ -432,11 +436,12 @@ def render(result: dict) -> str:
     """Each run's phases as an aligned table, its stage seconds, and the throughput ratios."""
     cols = ("offered_rate", "throughput_events_per_s", "latency_p50_ms", "latency_p99_ms", "latency_max_ms",
             "visible_p50_ms", "visible_p99_ms", "seconds_until_all_lists_current", "lists",
-            "loop_cpu_us_per_event", "recommend_cpu_us_per_event", "recommend_wait_us_per_event",
-            "worker_cpu_us_per_event", "worker_kernel_percent",
+            "loop_cpu_us_per_event", "loop_wait_us_per_event", "recommend_cpu_us_per_event",
+            "recommend_wait_us_per_event", "worker_cpu_us_per_event", "worker_kernel_percent",
             "worker_page_faults_per_event", "host_steal_percent", "complete")
     head = ("offered/s", "events/s", "p50 ms", "p99 ms", "max ms", "seen p50", "seen p99", "s to current",
-            "lists", "loop us/ev", "rec us/ev", "rec wait us/ev", "cpu us/ev", "kernel %", "faults/ev", "steal %", "complete")
+            "lists", "loop us/ev", "loop wait us/ev", "rec us/ev", "rec wait us/ev", "cpu us/ev", "kernel %",
+            "faults/ev", "steal %", "complete")
     lines = [f"broker {result['broker']}, {result['guarantee']}, {result['workers']} worker(s), workload "
              f"{result['workload']}: {result['events_per_phase']:,} events per phase, {result['users']:,} users"
              + (f", worker on CPUs {','.join(map(str, result['worker_cpus']))}" if result.get("worker_cpus") else "")

@@ -29,7 +29,7 @@ def test_grafana_dashboard_is_json_with_the_key_panels():
     exprs = json.dumps(dashboard)
     for metric in ("kafka_consumergroup_lag", "streamrec_events_processed_total",
                    "streamrec_event_to_list_latency_seconds", "streamrec_dlq_messages_total",
-                   "streamrec_recommend_busy_seconds_total", "streamrec_recommend_cpu_wait_seconds_total"):
+                   "streamrec_recommend_busy_seconds_total", "streamrec_cpu_wait_seconds_total"):
         assert metric in exprs
 
 

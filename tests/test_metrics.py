@@ -53,25 +53,27 @@ def test_exposition_has_names_and_labels():
     assert "# TYPE kafka_consumergroup_lag gauge" in text
     assert "# TYPE kafka_consumergroup_lag_seconds gauge" in text
     if sys.platform.startswith("linux"):   # read from /proc at the scrape
-        assert "# TYPE streamrec_recommend_cpu_wait_seconds_total counter" in text
-        assert sample(m, "streamrec_recommend_cpu_wait_seconds_total") >= 0
+        assert "# TYPE streamrec_cpu_wait_seconds_total counter" in text
+        assert sample(m, "streamrec_cpu_wait_seconds_total", thread="recommend") >= 0
+        assert sample(m, "streamrec_cpu_wait_seconds_total", thread="event_loop") >= 0
 
 
-def test_the_stages_wait_for_a_core_is_the_run_queue_delay_of_its_threads_by_name(tmp_path):
+def test_the_wait_for_a_core_is_the_run_queue_delay_of_the_stages_threads_and_the_event_loops(tmp_path):
     """The kernel's run-queue delay (schedstat's second field, ns) of the threads named as the
-    recommend stage's, summed; other threads and unreadable ones left out; nan for no process."""
-    from stream.threads import stage_cpu_wait_seconds
+    recommend stage's, summed, and of the main thread (the event loop); other threads and
+    unreadable ones left out; nothing for a process that is not there."""
+    from stream.threads import cpu_wait_seconds
 
-    for tid, name, schedstat in ((11, "recommend_0", "7000 2500000000 9"), (12, "lane_0", "5 500000000 2"),
-                                 (13, "python", "9 9000000000 1"), (14, "lane_1", None)):
+    for tid, name, schedstat in ((42, "python", "9 9000000000 1"), (11, "recommend_0", "7000 2500000000 9"),
+                                 (12, "lane_0", "5 500000000 2"), (13, "python", "1 4000000000 1"),
+                                 (14, "lane_1", None)):
         task = tmp_path / "42" / "task" / str(tid)
         task.mkdir(parents=True)
         (task / "comm").write_text(name + "\n")
         if schedstat is not None:
             (task / "schedstat").write_text(schedstat + "\n")
-    assert stage_cpu_wait_seconds(42, proc=tmp_path) == pytest.approx(3.0)
-    assert stage_cpu_wait_seconds(42, prefixes=("python",), proc=tmp_path) == pytest.approx(9.0)
-    assert stage_cpu_wait_seconds(43, proc=tmp_path) != stage_cpu_wait_seconds(43, proc=tmp_path)   # nan
+    assert cpu_wait_seconds(42, proc=tmp_path) == pytest.approx({"recommend": 3.0, "event_loop": 9.0})
+    assert cpu_wait_seconds(43, proc=tmp_path) == {}
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="run-queue delay from /proc: Linux")
@@ -81,11 +83,14 @@ def test_a_stage_thread_that_shares_its_core_counts_the_time_it_waited():
     of the test's)."""
     import subprocess
 
-    code = ("import os, sys, time; from stream.threads import name_os_thread, stage_cpu_wait_seconds; "
-            "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); name_os_thread('recommend_0'); "
-            "sys.stdout.write('ready\\n'); sys.stdout.flush(); sys.stdin.readline(); "
-            "ends = time.thread_time() + 0.4\nwhile time.thread_time() < ends: pass\n"
-            "print(stage_cpu_wait_seconds())")
+    code = ("import os, sys, threading, time; from stream.threads import name_os_thread, cpu_wait_seconds\n"
+            "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"   # its threads inherit it
+            "def burn():\n"
+            "    name_os_thread('recommend_0'); ends = time.thread_time() + 0.4\n"
+            "    while time.thread_time() < ends: pass\n"
+            "    print(cpu_wait_seconds()['recommend'])   # while the thread is there to be read\n"
+            "sys.stdout.write('ready\\n'); sys.stdout.flush(); sys.stdin.readline()\n"
+            "stage = threading.Thread(target=burn); stage.start(); stage.join()")
     procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for _ in range(2)]
     for p in procs:

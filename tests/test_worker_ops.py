@@ -258,8 +258,10 @@ async def test_worker_serves_prometheus_metrics(broker, worker, metrics_port, ti
     assert waits and float(waits[0].split()[-1]) >= 1   # every batch observed how long it waited
     busy = [line for line in text.splitlines() if line.startswith("streamrec_recommend_busy_seconds_total ")]
     assert busy and float(busy[0].split()[-1]) > 0   # the recommend thread's time on those batches
-    waited = [line for line in text.splitlines() if line.startswith("streamrec_recommend_cpu_wait_seconds_total ")]
-    assert waited and float(waited[0].split()[-1]) >= 0   # its wait for a core, read from /proc
+    for thread in ("recommend", "event_loop"):   # their waits for a core, read from /proc
+        waited = [line for line in text.splitlines()
+                  if line.startswith(f'streamrec_cpu_wait_seconds_total{{thread="{thread}"}} ')]
+        assert waited and float(waited[0].split()[-1]) >= 0
 
 
 def test_the_worker_freezes_its_startup_heap_and_collects_young_objects_rarely():
