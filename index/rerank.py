@@ -389,16 +389,13 @@ class Reranker:
         unit = self._product_rows("unit", rows)
         return torch.bmm(unit, unit.transpose(1, 2))
 
-    def _product_rows(self, which: str, rows) -> torch.Tensor:
-        """``rows`` ([...], numpy or torch; none negative) of the item or unit vectors, [..., D].
-        On the CPU numpy's take copies each row whole, where torch's index_select copies bf16
-        element by element: 1,500 rows of 256 took ~22 against ~49 us warm, ~170 against ~260
-        after a large product had taken the caches (as the encoder's pass does before a rerank)."""
+    def _product_rows(self, which: str, rows: np.ndarray) -> torch.Tensor:
+        """``rows`` ([...], none negative) of the item or unit vectors, [..., D]. numpy's take
+        copies each row whole, where torch's index_select copies bf16 element by element: 1,500
+        rows of 256 took ~22 against ~49 us warm, ~170 against ~260 after a large product had
+        taken the caches (as the encoder's pass does before a rerank)."""
         table = self._for_products(which)
-        if table.device.type == "cpu" and isinstance(rows, np.ndarray):
-            return torch.from_numpy(np.take(host_view(table), rows, axis=0)).view(table.dtype)
-        rows = torch.as_tensor(rows, device=self.device)
-        return table.index_select(0, rows.reshape(-1)).view(*rows.shape, -1)
+        return torch.from_numpy(np.take(host_view(table), rows, axis=0)).view(table.dtype)
 
     def _for_products(self, which: str) -> torch.Tensor:
         """Torch copies of the item vectors (``vectors``) or unit vectors (``unit``) for the
@@ -458,6 +455,10 @@ class DeviceReranker(Reranker):
         self.device = torch.device(device)
         self._device_key: tuple | None = None
         super().__init__(config, catalogue, item_vectors, items)
+
+    def _product_rows(self, which: str, rows: torch.Tensor) -> torch.Tensor:
+        """``Reranker._product_rows`` for rows on the device: gathered there."""
+        return self._for_products(which).index_select(0, rows.reshape(-1)).view(*rows.shape, -1)
 
     def _refresh_catalogue_arrays(self) -> None:
         super()._refresh_catalogue_arrays()

@@ -12,6 +12,7 @@ import ctypes
 import os
 import sys
 from pathlib import Path
+from typing import Iterable
 
 RECOMMEND_THREAD = "recommend"          # the pipeline's recommend thread (recommend_0)
 LANE_THREAD = "lane"                    # the recommender's helpers for its other lanes (lane_0, ...)
@@ -40,29 +41,38 @@ def run_queue_seconds(task: Path) -> float:
         return float("nan")
 
 
+def wait_by_role(threads: Iterable[tuple[Path, str]], main: str) -> dict[str, float]:
+    """The run-queue delay of a process's ``threads`` ((its /proc/PID/task/TID directory, its OS
+    name) each) by role: ``recommend``, the threads named as the recommend stage's
+    (STAGE_THREADS), summed over those that can be read (0 with none), and ``event_loop``, the
+    main thread (TID ``main``; absent if not among them, nan if unreadable)."""
+    waits = {RECOMMEND_THREAD: 0.0}
+    for task, name in threads:
+        if task.name == main:
+            waits[EVENT_LOOP] = run_queue_seconds(task)
+        elif name.startswith(STAGE_THREADS):
+            waited = run_queue_seconds(task)
+            if waited == waited:
+                waits[RECOMMEND_THREAD] += waited
+    return waits
+
+
 def cpu_wait_seconds(pid: int | str = "self", proc: Path = Path("/proc")) -> dict[str, float]:
-    """How long a worker's threads waited for a core (their run-queue delay), by role:
-    ``recommend``, the threads named as the recommend stage's (STAGE_THREADS), summed (0 with
-    none yet), and ``event_loop``, the process's main thread, where the worker's event loop runs.
-    ``streamrec_recommend_busy_seconds`` counts how long the stage's batches took; this, how long
-    they and the event loop were held back by other work. A thread that has ended takes its count
-    with it (the stage's threads live as long as the worker). {} where /proc cannot tell (not Linux)."""
-    main = str(os.getpid()) if pid == "self" else str(pid)
+    """How long a worker's threads waited for a core (their run-queue delay), by role
+    (`wait_by_role`): the recommend stage's threads and the event loop, the process's main
+    thread. ``streamrec_recommend_busy_seconds`` counts how long the stage's batches took; this,
+    how long they and the event loop were held back by other work. A thread that has ended takes
+    its count with it (the stage's threads live as long as the worker). {} where /proc cannot
+    tell (not Linux)."""
     try:
         tasks = list((proc / str(pid) / "task").iterdir())
     except OSError:
         return {}
-    waits = {RECOMMEND_THREAD: 0.0}
+    named = []
     for task in tasks:
-        if task.name == main:
-            waits[EVENT_LOOP] = run_queue_seconds(task)
-            continue
         try:
-            name = (task / "comm").read_text().strip()
+            named.append((task, (task / "comm").read_text().strip()))
         except OSError:   # the thread has ended meanwhile
             continue
-        if name.startswith(STAGE_THREADS):
-            waited = run_queue_seconds(task)
-            if waited == waited:
-                waits[RECOMMEND_THREAD] += waited
+    waits = wait_by_role(named, str(os.getpid()) if pid == "self" else str(pid))
     return {role: seconds for role, seconds in waits.items() if seconds == seconds} if EVENT_LOOP in waits else {}

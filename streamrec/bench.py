@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from stream.events import EVENTS_TOPIC
-from stream.threads import STAGE_THREADS, run_queue_seconds
+from stream.threads import EVENT_LOOP, RECOMMEND_THREAD, STAGE_THREADS, wait_by_role
 from streamrec import harness
 from streamrec.synthetic import ShopSpec, extend_in_time, generate
 
@@ -321,14 +321,13 @@ def cpu_seconds(pid: int) -> ProcessCpu:
     # each thread's ticks (the main one is the event loop's); one read of the process's own
     # totals, which keep what threads that have ended used
     threads: dict[str, tuple[str, list[int]]] = {}
-    waits = []   # the recommend stage's threads' run-queue delay (nan: unreadable)
+    named = []   # (task directory, OS name): their waits for a core by role, from the same scan
     for task in Path(f"/proc/{pid}/task").glob("*/stat"):
         try:
             threads[task.parent.name] = thread = read(str(task))
         except (OSError, IndexError, ValueError):   # the thread has ended meanwhile
             continue
-        if thread[0].startswith(STAGE_THREADS):
-            waits.append(run_queue_seconds(task.parent))
+        named.append((task.parent, thread[0]))
     try:
         _, every = read(f"/proc/{pid}/stat")
         _, loop = threads[str(pid)]
@@ -336,10 +335,10 @@ def cpu_seconds(pid: int) -> ProcessCpu:
         return ProcessCpu(float("nan"), float("nan"), float("nan"), 0)
     # the fields after the name, from the 8th: minflt, cminflt, majflt, cmajflt, utime, stime
     stage = [f[4] + f[5] for name, f in threads.values() if name.startswith(STAGE_THREADS)]
+    waits = wait_by_role(named, str(pid))
     return ProcessCpu((loop[4] + loop[5]) / tick, (every[4] + every[5]) / tick, every[5] / tick, every[0],
                       sum(stage) / tick if stage else float("nan"),   # none named so (a baseline): nan
-                      sum(waits) if waits else float("nan"),
-                      run_queue_seconds(Path(f"/proc/{pid}/task/{pid}")))   # the event loop's
+                      waits[RECOMMEND_THREAD] if stage else float("nan"), waits[EVENT_LOOP])
 
 
 def host_cpu_ticks(stat: str | None = None) -> tuple[int, int]:
