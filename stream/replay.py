@@ -120,7 +120,7 @@ async def replay(path: str | Path, bootstrap: str, topic: str = EVENTS_TOPIC, *,
     shown = 0
     t0 = loop.time()
     try:
-        batcher = await _Batcher.open(producer, topic)
+        batcher = await RecordBatcher.open(producer, topic)
         for i, event in enumerate(events):
             if due is not None:
                 ahead = t0 + due(i) - loop.time()
@@ -154,13 +154,16 @@ async def replay(path: str | Path, bootstrap: str, topic: str = EVENTS_TOPIC, *,
                          examples=examples)
 
 
-class _Batcher:
-    """Records into per-partition batches (aiokafka's ``create_batch``/``send_batch``).
+class RecordBatcher:
+    """Records into per-partition batches (aiokafka's ``create_batch``/``send_batch``): replay's
+    and the load generator's (``streamrec.harness.produce``) way of sending.
 
-    About five times fewer Python calls per event than ``producer.send``. Records go to the
-    partition Kafka's default partitioner picks for the key (murmur2, as the Java client), so
-    a user's events share one partition with any other producer's; batches of one partition
-    are queued in order, and the producer keeps one request in flight per partition.
+    About five times fewer Python calls per event than ``producer.send``, and a batch goes out
+    when it is flushed, without waiting ``linger_ms`` for more. Records go to the partition
+    Kafka's default partitioner picks for the key (murmur2, as the Java client), so a user's
+    events share one partition with any other producer's; records without a key take the
+    partitions in turn. Batches of one partition are queued in order, and the producer keeps
+    one request in flight per partition.
     """
 
     def __init__(self, producer: AIOKafkaProducer, topic: str, partitions: list[int]):
@@ -168,11 +171,12 @@ class _Batcher:
         self.topic = topic
         self.partitions = partitions
         self._partition_of: dict[bytes, int] = {}
+        self._unkeyed = 0   # records without a key so far: they take the partitions in turn
         self._open: dict[int, object] = {}
         self._futures: list[asyncio.Future] = []
 
     @classmethod
-    async def open(cls, producer: AIOKafkaProducer, topic: str) -> "_Batcher":
+    async def open(cls, producer: AIOKafkaProducer, topic: str) -> "RecordBatcher":
         loop = asyncio.get_running_loop()
         deadline = loop.time() + METADATA_TIMEOUT_S
         # A topic created a moment ago can show up in metadata before its partitions do.
@@ -183,13 +187,16 @@ class _Batcher:
             await producer.client.force_metadata_update()
         return cls(producer, topic, sorted(partitions))
 
-    def partition(self, key: bytes) -> int:
+    def partition(self, key: bytes | None) -> int:
+        if key is None:
+            self._unkeyed += 1
+            return self.partitions[self._unkeyed % len(self.partitions)]
         p = self._partition_of.get(key)
         if p is None:
             p = self._partition_of[key] = self.partitions[(murmur2(key) & 0x7FFFFFFF) % len(self.partitions)]
         return p
 
-    async def add(self, key: bytes, value: bytes) -> None:
+    async def add(self, key: bytes | None, value: bytes | None) -> None:
         p = self.partition(key)
         batch = self._open.get(p)
         if batch is None:
@@ -198,10 +205,11 @@ class _Batcher:
             await self._send(p)
             batch = self._open[p] = self.producer.create_batch()
             if batch.append(key=key, value=value, timestamp=None) is None:
-                raise ValueError(f"a record of {len(value)} bytes does not fit in a batch")
+                raise ValueError(f"a record of {len(value or b'')} bytes does not fit in a batch")
 
     async def _send(self, p: int) -> None:
         batch = self._open.pop(p)
+        batch.close()   # complete: the sender takes it on its next turn, no linger
         self._futures.append(await self.producer.send_batch(batch, self.topic, partition=p))
         if len(self._futures) >= MAX_BATCHES_IN_FLIGHT:
             await self.delivered()

@@ -202,6 +202,36 @@ async def test_max_replay_keeps_per_user_order_and_default_partitioning(broker, 
 
 
 @pytest.mark.integration
+async def test_the_load_generator_keeps_its_pace_its_order_and_the_default_partitioning(broker):
+    """``harness.produce`` (bench e2e's load generator) sends each tick's records as batches:
+    every record once, at the rate asked, keyed ones in order on the partition Kafka's default
+    partitioner picks, unkeyed ones spread over the partitions."""
+    import time
+
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from streamrec import harness
+
+    await ensure_topics(broker.bootstrap, {"paced-events": 3})
+    keyed = [(f"user-{n % 40}".encode(), b"%d" % (n // 40)) for n in range(1200)]
+    unkeyed = [(None, b"x")] * 30
+    started = time.monotonic()
+    assert await harness.produce(broker.bootstrap, "paced-events", keyed + unkeyed, rate=1000.0) == 1230
+    # paced, not sent at once; the upper bound leaves room for the producer's start and stop
+    assert 1229 / 1000 * 0.8 <= time.monotonic() - started <= 1229 / 1000 * 2.0
+    records = await read_topic(broker.bootstrap, "paced-events")
+    assert len(records) == 1230
+    by_user: dict[bytes, list[int]] = {}
+    for rec in sorted(records, key=lambda r: (r.partition, r.offset)):
+        if rec.key is None:
+            continue
+        assert rec.partition == DefaultPartitioner()(rec.key, [0, 1, 2], [0, 1, 2])
+        by_user.setdefault(rec.key, []).append(int(rec.value))
+    assert len(by_user) == 40 and all(seq == list(range(30)) for seq in by_user.values())
+    assert {rec.partition for rec in records if rec.key is None} == {0, 1, 2}
+
+
+@pytest.mark.integration
 async def test_speed_replay_scales_inter_arrival_times(broker, tmp_path):
     path = tmp_path / "log.jsonl"
     write_stream(path, n_users=2, per_user=16, step=1.0)   # spans 15 s of log time
