@@ -163,16 +163,16 @@ def test_bench_reports_the_hosts_stolen_cpu_time_per_phase():
              "latency_max_ms": 63.3, "visible_p50_ms": 21.6, "visible_p99_ms": 40.6,
              "seconds_until_all_lists_current": 40.01, "lists": 6309, "loop_cpu_us_per_event": 250.5, "loop_wait_us_per_event": 40.5,
              "recommend_cpu_us_per_event": 610.5, "recommend_wait_us_per_event": 88.5, "worker_cpu_us_per_event": 1045.5, "worker_kernel_percent": 17.3, "worker_page_faults_per_event": 6.3,
-             "host_steal_percent": 12.5, "complete": True,
+             "bench_cpu_us_per_event": 21.5, "host_steal_percent": 12.5, "complete": True,
              "latency_p99_ms_by_second": [30.0, 33.1]}
     result = {"broker": "kafka", "guarantee": "at_least_once", "workers": 1, "workload": "shop",
               "events_per_phase": 20000, "users": 1502,
               "runs": [{"variant": "worker", "model": "m", "peak_rss_mb": [1.0], "phases": [phase],
                         "worker_stage_seconds": []}]}
     head, row = render(result).splitlines()[2:4]
-    assert head.split()[-2:] == ["%", "complete"] and "cpu us/ev  kernel %  faults/ev  steal %" in head
+    assert head.split()[-2:] == ["%", "complete"] and "cpu us/ev  kernel %  faults/ev  bench us/ev  steal %" in head
     assert "loop us/ev  loop wait us/ev  rec us/ev  rec wait us/ev  cpu us/ev" in head
-    assert row.split()[-9:] == ["250.5", "40.5", "610.5", "88.5", "1045.5", "17.3", "6.3", "12.5", "True"]
+    assert row.split()[-10:] == ["250.5", "40.5", "610.5", "88.5", "1045.5", "17.3", "6.3", "21.5", "12.5", "True"]
 
 
 def test_bench_counts_a_workers_kernel_time_and_page_faults():
