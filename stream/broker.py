@@ -85,6 +85,11 @@ class EmbeddedBroker:
     def bootstrap(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def pids(self) -> list[int]:
+        """The broker's process while it runs (``bench e2e`` counts its CPU)."""
+        return [self._proc.pid] if self._proc is not None and self._proc.poll() is None else []
+
     def start(self) -> "EmbeddedBroker":
         url = f"tcp://{self.host}:{self.port}"
         cmd = [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,

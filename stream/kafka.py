@@ -231,6 +231,11 @@ class KafkaCluster:
     def bootstrap(self) -> str:
         return ",".join(f"{self.layout.host}:{p}" for p in self.layout.broker_ports)
 
+    @property
+    def pids(self) -> list[int]:
+        """The running nodes' JVMs (``bench e2e`` counts their CPU)."""
+        return [p.pid for p in self._procs if p is not None and p.poll() is None]
+
     def node_bootstrap(self, node: int) -> str:
         return f"{self.layout.host}:{self.layout.broker_ports[node]}"
 

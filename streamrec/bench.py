@@ -221,7 +221,8 @@ def _run_variant(variant: str, model: Path, workload, phases: list[list[dict]], 
         logs = [workdir / f"worker-{n}.log" for n in range(options.workers)]
         workers = [launch(broker.bootstrap, model, workdir / f"state-{n}", log) for n, log in enumerate(logs)]
         try:
-            results = asyncio.run(_drive(broker.bootstrap, phases, options, logs, [w.pid for w in workers]))
+            results = asyncio.run(_drive(broker.bootstrap, phases, options, logs, [w.pid for w in workers],
+                                         broker.pids))
             peak_rss = [peak_rss_mb(w.pid) for w in workers]
         finally:
             for worker in workers:
@@ -361,7 +362,7 @@ def steal_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
 
 
 async def _drive(bootstrap: str, phases: list[list[dict]], options: E2EOptions, logs: list[Path],
-                 pids: list[int]) -> list[dict]:
+                 pids: list[int], broker_pids: list[int]) -> list[dict]:
     for log in logs:
         await harness.wait_for_worker_ready(bootstrap, log)
     if len(logs) > 1:
@@ -372,11 +373,15 @@ async def _drive(bootstrap: str, phases: list[list[dict]], options: E2EOptions, 
         results = []
         for events, rate in zip(phases, options.rates):
             before, host_before = [cpu_seconds(pid) for pid in pids], host_cpu_ticks()
-            own_before = time.process_time()
+            own_before, broker_before = time.process_time(), [cpu_seconds(pid) for pid in broker_pids]
             result = await _phase(bootstrap, events, rate, collector)
             own_s = time.process_time() - own_before
+            broker_s = sum(a.total_s - b.total_s for a, b in zip([cpu_seconds(pid) for pid in broker_pids],
+                                                                 broker_before))
             after, host_after = [cpu_seconds(pid) for pid in pids], host_cpu_ticks()
-            # this process, the load generator and the list reader: cores the worker and broker lack
+            # the machine's other tenants: the broker, and this process (the load generator and
+            # the list reader); on a shared machine, cores the worker did not get
+            result["broker_cpu_us_per_event"] = round(broker_s / len(events) * 1e6, 1)
             result["bench_cpu_us_per_event"] = round(own_s / len(events) * 1e6, 1)
             result["host_steal_percent"] = round(steal_percent(host_before, host_after), 1)
             loop_s, total_s, kernel_s, faults = (sum(a[f] - b[f] for a, b in zip(after, before)) for f in range(4))
@@ -441,10 +446,11 @@ def render(result: dict) -> str:
             "visible_p50_ms", "visible_p99_ms", "seconds_until_all_lists_current", "lists",
             "loop_cpu_us_per_event", "loop_wait_us_per_event", "recommend_cpu_us_per_event",
             "recommend_wait_us_per_event", "worker_cpu_us_per_event", "worker_kernel_percent",
-            "worker_page_faults_per_event", "bench_cpu_us_per_event", "host_steal_percent", "complete")
+            "worker_page_faults_per_event", "broker_cpu_us_per_event", "bench_cpu_us_per_event",
+            "host_steal_percent", "complete")
     head = ("offered/s", "events/s", "p50 ms", "p99 ms", "max ms", "seen p50", "seen p99", "s to current",
             "lists", "loop us/ev", "loop wait us/ev", "rec us/ev", "rec wait us/ev", "cpu us/ev", "kernel %",
-            "faults/ev", "bench us/ev", "steal %", "complete")
+            "faults/ev", "broker us/ev", "bench us/ev", "steal %", "complete")
     lines = [f"broker {result['broker']}, {result['guarantee']}, {result['workers']} worker(s), workload "
              f"{result['workload']}: {result['events_per_phase']:,} events per phase, {result['users']:,} users"
              + (f", worker on CPUs {','.join(map(str, result['worker_cpus']))}" if result.get("worker_cpus") else "")

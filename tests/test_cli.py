@@ -163,16 +163,18 @@ def test_bench_reports_the_hosts_stolen_cpu_time_per_phase():
              "latency_max_ms": 63.3, "visible_p50_ms": 21.6, "visible_p99_ms": 40.6,
              "seconds_until_all_lists_current": 40.01, "lists": 6309, "loop_cpu_us_per_event": 250.5, "loop_wait_us_per_event": 40.5,
              "recommend_cpu_us_per_event": 610.5, "recommend_wait_us_per_event": 88.5, "worker_cpu_us_per_event": 1045.5, "worker_kernel_percent": 17.3, "worker_page_faults_per_event": 6.3,
-             "bench_cpu_us_per_event": 21.5, "host_steal_percent": 12.5, "complete": True,
+             "broker_cpu_us_per_event": 80.5, "bench_cpu_us_per_event": 21.5, "host_steal_percent": 12.5, "complete": True,
              "latency_p99_ms_by_second": [30.0, 33.1]}
     result = {"broker": "kafka", "guarantee": "at_least_once", "workers": 1, "workload": "shop",
               "events_per_phase": 20000, "users": 1502,
               "runs": [{"variant": "worker", "model": "m", "peak_rss_mb": [1.0], "phases": [phase],
                         "worker_stage_seconds": []}]}
     head, row = render(result).splitlines()[2:4]
-    assert head.split()[-2:] == ["%", "complete"] and "cpu us/ev  kernel %  faults/ev  bench us/ev  steal %" in head
+    assert head.split()[-2:] == ["%", "complete"]
+    assert "cpu us/ev  kernel %  faults/ev  broker us/ev  bench us/ev  steal %" in head
     assert "loop us/ev  loop wait us/ev  rec us/ev  rec wait us/ev  cpu us/ev" in head
-    assert row.split()[-10:] == ["250.5", "40.5", "610.5", "88.5", "1045.5", "17.3", "6.3", "21.5", "12.5", "True"]
+    assert row.split()[-11:] == ["250.5", "40.5", "610.5", "88.5", "1045.5", "17.3", "6.3", "80.5", "21.5", "12.5",
+                                 "True"]
 
 
 def test_bench_counts_a_workers_kernel_time_and_page_faults():
@@ -244,6 +246,19 @@ def test_a_broker_warm_up_relays_records_and_takes_its_topics_away(broker):
     after = set(asyncio.run(topic_partitions(broker.bootstrap)))
     assert not after & set(WARMUP_TOPICS)
     assert after - before <= {"__consumer_offsets"}   # Kafka's, made for the relay's group
+
+
+@pytest.mark.integration
+def test_bench_counts_the_cpu_the_broker_spends_on_traffic(broker):
+    """bench e2e's "broker us/ev": each broker kind names its processes, and their CPU time,
+    read as a worker's is, grows with the traffic it serves (a warm-up relay's requests)."""
+    from streamrec.bench import cpu_seconds
+    from streamrec.harness import warm_up_broker
+
+    assert broker.pids
+    before = sum(cpu_seconds(pid).total_s for pid in broker.pids)
+    assert asyncio.run(warm_up_broker(broker.bootstrap, 2.0, partitions=2, rate=2000)) > 1000
+    assert sum(cpu_seconds(pid).total_s for pid in broker.pids) > before
 
 
 @pytest.mark.parametrize("legacy", [False, True])
