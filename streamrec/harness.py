@@ -109,8 +109,8 @@ async def produce(bootstrap: str, topic: str, records: Iterable[tuple[bytes | No
 
     A paced load goes out in ticks of 1/``PACE_TICKS_PER_S`` s, each tick's records as record
     batches sent at once (``RecordBatcher``): the load generator shares its machine with the
-    worker and the broker in ``bench e2e``, and ``producer.send`` per record cost it ~33 µs of
-    CPU per event at 5,000/s against ~18 (``benchmarks/load_generator.py``).
+    worker and the broker in ``bench e2e``, and ``producer.send`` per record cost it 36.5-36.8 µs
+    of CPU per event at 5,000/s against 17.1 (``benchmarks/load_generator.py``, 2026-12-06).
     """
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=acks, max_batch_size=MAX_BATCH_BYTES)
     await producer.start()
@@ -264,6 +264,9 @@ async def warm_up_broker(bootstrap: str, seconds: float, partitions: int = 4, ra
     idempotent where the broker has idempotent producers, the state to a compacted topic) and
     commits, and a reader of the lists, at ``rate`` events/s of small records (at full speed
     its gigabytes still went to disk in the measured phases). Its topics are deleted after.
+    It is not all of it: the JIT throws away part of the relay's compiled code when the worker's
+    clients come (request kinds and types it had not seen) and compiles it again in the first
+    measured phases (docs/performance.md, "The machine's other tenants").
     """
     events, lists, states = WARMUP_TOPICS
     await ensure_topics(bootstrap, {events: partitions, lists: partitions, states: partitions},
