@@ -304,6 +304,24 @@ class ProcessCpu(NamedTuple):
     loop_wait_s: float = float("nan")        # the event loop's
 
 
+def _stat(path: str) -> tuple[str, list[int]]:
+    """A /proc stat file's name and its fields from the 8th: minflt, cminflt, majflt, cmajflt,
+    utime, stime (ticks)."""
+    text = Path(path).read_text()
+    name, rest = text[text.index("(") + 1:].rsplit(")", 1)
+    return name, [int(f) for f in rest.split()[7:13]]
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """A process's CPU seconds so far, every thread, from its /proc stat alone (nan where it
+    cannot be read): the broker's, whose threads need no telling apart."""
+    try:
+        _, fields = _stat(f"/proc/{pid}/stat")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+    return (fields[4] + fields[5]) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int) -> ProcessCpu:
     """A worker's CPU seconds and page faults so far, from /proc (Linux; nan elsewhere).
 
@@ -313,28 +331,21 @@ def cpu_seconds(pid: int) -> ProcessCpu:
     and a phase that mapped fresh memory ran at half speed for it.
     """
     tick = os.sysconf("SC_CLK_TCK")
-
-    def read(path: str) -> tuple[str, list[int]]:
-        text = Path(path).read_text()
-        name, rest = text[text.index("(") + 1:].rsplit(")", 1)
-        return name, [int(f) for f in rest.split()[7:13]]
-
     # each thread's ticks (the main one is the event loop's); one read of the process's own
     # totals, which keep what threads that have ended used
     threads: dict[str, tuple[str, list[int]]] = {}
     named = []   # (task directory, OS name): their waits for a core by role, from the same scan
     for task in Path(f"/proc/{pid}/task").glob("*/stat"):
         try:
-            threads[task.parent.name] = thread = read(str(task))
+            threads[task.parent.name] = thread = _stat(str(task))
         except (OSError, IndexError, ValueError):   # the thread has ended meanwhile
             continue
         named.append((task.parent, thread[0]))
     try:
-        _, every = read(f"/proc/{pid}/stat")
+        _, every = _stat(f"/proc/{pid}/stat")
         _, loop = threads[str(pid)]
     except (OSError, IndexError, ValueError, KeyError):
         return ProcessCpu(float("nan"), float("nan"), float("nan"), 0)
-    # the fields after the name, from the 8th: minflt, cminflt, majflt, cmajflt, utime, stime
     stage = [f[4] + f[5] for name, f in threads.values() if name.startswith(STAGE_THREADS)]
     waits = wait_by_role(named, str(pid))
     return ProcessCpu((loop[4] + loop[5]) / tick, (every[4] + every[5]) / tick, every[5] / tick, every[0],
@@ -373,11 +384,9 @@ async def _drive(bootstrap: str, phases: list[list[dict]], options: E2EOptions, 
         results = []
         for events, rate in zip(phases, options.rates):
             before, host_before = [cpu_seconds(pid) for pid in pids], host_cpu_ticks()
-            own_before, broker_before = time.process_time(), [cpu_seconds(pid) for pid in broker_pids]
+            own_s, broker_s = time.process_time(), sum(map(process_cpu_seconds, broker_pids))
             result = await _phase(bootstrap, events, rate, collector)
-            own_s = time.process_time() - own_before
-            broker_s = sum(a.total_s - b.total_s for a, b in zip([cpu_seconds(pid) for pid in broker_pids],
-                                                                 broker_before))
+            own_s, broker_s = time.process_time() - own_s, sum(map(process_cpu_seconds, broker_pids)) - broker_s
             after, host_after = [cpu_seconds(pid) for pid in pids], host_cpu_ticks()
             # the machine's other tenants: the broker, and this process (the load generator and
             # the list reader); on a shared machine, cores the worker did not get
