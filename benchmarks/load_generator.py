@@ -55,7 +55,7 @@ def main() -> None:
         try:
             asyncio.run(run(broker.bootstrap, events, args.rate, args.rounds))
         finally:
-            (broker.cleanup if hasattr(broker, "cleanup") else broker.stop)()
+            broker.cleanup()
 
 
 if __name__ == "__main__":

@@ -119,6 +119,11 @@ class EmbeddedBroker:
             self._log_file.close()
         self._log_file = None
 
+    def cleanup(self) -> None:
+        """What ``KafkaCluster.cleanup`` is for Kafka, so that callers end either kind alike: here
+        only :meth:`stop` (memory storage leaves nothing on disk)."""
+        self.stop()
+
     def wait(self) -> int:
         assert self._proc is not None
         return self._proc.wait()

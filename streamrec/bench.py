@@ -228,7 +228,7 @@ def _run_variant(variant: str, model: Path, workload, phases: list[list[dict]], 
             for worker in workers:
                 harness.stop_worker(worker)
     finally:
-        (broker.cleanup if hasattr(broker, "cleanup") else broker.stop)()
+        broker.cleanup()
         cleanup()
         # the broker's log and the workers' state are GBs at scale; the models and logs stay
         for path in [workdir / "kafka", *workdir.glob("state-*")]:

@@ -401,7 +401,7 @@ def run_chaos(options: ChaosOptions) -> list[Row]:
         try:
             asyncio.run(_scenario(row, broker, model, good, options, scenario_dir))
         finally:
-            (broker.cleanup if hasattr(broker, "cleanup") else broker.stop)()
+            broker.cleanup()
         rows.append(row)
     return rows
 

@@ -51,15 +51,11 @@ def kafka_runtime() -> Path:
         kafka_unavailable(exc)
 
 
-def stop_broker(broker) -> None:
-    (broker.cleanup if hasattr(broker, "cleanup") else broker.stop)()
-
-
 @pytest.fixture(scope="module", params=BROKER_KINDS)
 def broker(request, tmp_path_factory):
     b = start_broker(request.param, tmp_path_factory.mktemp(f"broker-{request.param}"))
     yield b
-    stop_broker(b)
+    b.cleanup()
 
 
 @pytest.fixture(scope="session")
@@ -103,7 +99,7 @@ def kafka_cluster(tmp_path):
 
     yield start
     for cluster in started:
-        stop_broker(cluster)
+        cluster.cleanup()
 
 
 @pytest.fixture(params=BROKER_KINDS)
@@ -111,4 +107,4 @@ def fresh_broker(request, tmp_path_factory):
     """A broker of the test's own, on both kinds (for tests that read whole topics)."""
     b = start_broker(request.param, tmp_path_factory.mktemp(f"fresh-{request.param}"))
     yield b
-    stop_broker(b)
+    b.cleanup()
